@@ -1,0 +1,198 @@
+/*
+ * BlockBackend: a user's handle on a node (a CLI, an export, a job, an
+ * embedding program). It holds one root edge with the permissions the user
+ * asked for, checks requests against the node's length (EIO beyond the end,
+ * as QEMU's blk_check_byte_request), holds new requests while a drain is in
+ * progress, and can be re-pointed at another node (mirror pivot) without the
+ * user noticing.
+ *
+ * Write cache: with `writeCache` off (QEMU's writethrough, qemu-io's
+ * default) every write carries FUA, so it is on stable storage when it
+ * completes. With it on (writeback) the user flushes when it matters.
+ */
+import { BlockError } from './errors.js';
+import { Perm, Req, type Prealloc } from './flags.js';
+import { checkRange, flush, pdiscard, preadv, pwriteZeroes, pwritev, truncate } from './io.js';
+import { attachChild, detachChild, replaceChildNode, type BdrvChild, type BlockNode, type EdgeParent } from './node.js';
+import { blockStatus, blockStatusAbove, type ChainStatusResult } from './status.js';
+import type { BlockStatusResult } from './driver.js';
+import type { BlockGraph } from './graph.js';
+
+export interface BackendOptions {
+  /** Shown in messages ("block device 'x'"). */
+  name?: string;
+  /** Ask for write permission (refused on read-only nodes). */
+  writable?: boolean;
+  /** Ask for resize permission (truncate, writes past the end). */
+  resizable?: boolean;
+  /** Permissions other users keep (default: all, as QEMU's backends). */
+  shared?: number;
+  /** Writes may extend the node (image creation). */
+  allowWriteBeyondEof?: boolean;
+  /** false = writethrough: every write is FUA. Default true (writeback). */
+  writeCache?: boolean;
+}
+
+export class BlockBackend implements EdgeParent {
+  readonly name: string;
+  private rootEdge: BdrvChild | null;
+  inFlight = 0;
+  private quiesceCounter = 0;
+  private resumeWaiters: Array<() => void> = [];
+  private idleWaiters: Array<() => void> = [];
+  allowWriteBeyondEof: boolean;
+  writeCache: boolean;
+
+  constructor(
+    private readonly graph: BlockGraph,
+    node: BlockNode,
+    opts: BackendOptions = {},
+  ) {
+    this.name = opts.name ?? '';
+    this.allowWriteBeyondEof = opts.allowWriteBeyondEof ?? false;
+    this.writeCache = opts.writeCache ?? true;
+    const perm =
+      Perm.CONSISTENT_READ | (opts.writable ? Perm.WRITE : 0) | (opts.resizable || opts.allowWriteBeyondEof ? Perm.RESIZE : 0);
+    this.rootEdge = attachChild(this, 'root', 0, node, perm, opts.shared ?? Perm.ALL);
+    this.quiesceCounter = node.quiesceCounter;
+  }
+
+  describe(): string {
+    return this.name ? `block device '${this.name}'` : 'a block device';
+  }
+
+  /** The node requests go to. */
+  get node(): BlockNode {
+    return this.root.node;
+  }
+
+  get root(): BdrvChild {
+    if (!this.rootEdge) throw new BlockError('ENOMEDIUM', 'No medium inserted');
+    return this.rootEdge;
+  }
+
+  get writable(): boolean {
+    return (this.root.perm & Perm.WRITE) !== 0;
+  }
+
+  /** The node's length in bytes. */
+  getLength(): number {
+    return this.node.totalBytes;
+  }
+
+  // ------------------------------------------------------------ drain
+
+  drainedBegin(): void {
+    this.quiesceCounter++;
+  }
+
+  drainedEnd(): void {
+    this.quiesceCounter--;
+    if (this.quiesceCounter === 0) {
+      const waiters = this.resumeWaiters;
+      this.resumeWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  waitIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** Runs a request: waits out a drain, counts it in flight. */
+  private async request<T>(body: () => Promise<T>): Promise<T> {
+    while (this.quiesceCounter > 0) await new Promise<void>((resolve) => this.resumeWaiters.push(resolve));
+    this.inFlight++;
+    try {
+      return await body();
+    } finally {
+      this.inFlight--;
+      if (this.inFlight === 0 && this.idleWaiters.length) {
+        const waiters = this.idleWaiters;
+        this.idleWaiters = [];
+        for (const w of waiters) w();
+      }
+    }
+  }
+
+  private checkByteRequest(offsetBytes: number, bytes: number, mayExtend: boolean): void {
+    checkRange(offsetBytes, bytes);
+    if (mayExtend && this.allowWriteBeyondEof) return;
+    const length = this.node.totalBytes;
+    if (offsetBytes > length || length - offsetBytes < bytes) throw new BlockError('EIO');
+  }
+
+  // ------------------------------------------------------------ I/O
+
+  /** Reads `buf.length` bytes at `offsetBytes`. */
+  pread(offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
+    return this.request(async () => {
+      this.checkByteRequest(offsetBytes, buf.length, false);
+      await preadv(this.root, offsetBytes, buf, flags);
+    });
+  }
+
+  /** Writes `buf` at `offsetBytes` (FUA added in writethrough mode). */
+  pwrite(offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
+    return this.request(async () => {
+      this.checkByteRequest(offsetBytes, buf.length, true);
+      await pwritev(this.root, offsetBytes, buf, this.writeFlags(flags));
+    });
+  }
+
+  /** Makes the range read as zeroes; MAY_UNMAP lets it be deallocated. */
+  pwriteZeroes(offsetBytes: number, bytes: number, flags = 0): Promise<void> {
+    return this.request(async () => {
+      this.checkByteRequest(offsetBytes, bytes, true);
+      await pwriteZeroes(this.root, offsetBytes, bytes, this.writeFlags(flags));
+    });
+  }
+
+  /** Discards the range (a hint; see the gate). */
+  pdiscard(offsetBytes: number, bytes: number): Promise<void> {
+    return this.request(async () => {
+      this.checkByteRequest(offsetBytes, bytes, false);
+      await pdiscard(this.root, offsetBytes, bytes);
+    });
+  }
+
+  flush(): Promise<void> {
+    return this.request(() => flush(this.node));
+  }
+
+  truncate(sizeBytes: number, exact = true, prealloc: Prealloc = 'off'): Promise<void> {
+    return this.request(() => truncate(this.root, sizeBytes, exact, prealloc));
+  }
+
+  private writeFlags(flags: number): number {
+    return this.writeCache ? flags : flags | Req.FUA;
+  }
+
+  /** Block status of the node itself. */
+  blockStatus(offsetBytes: number, bytes: number, wantZero = true): Promise<BlockStatusResult> {
+    return this.request(() => blockStatus(this.node, offsetBytes, bytes, wantZero));
+  }
+
+  /** Block status through the backing chain down to `base` (null: all of it). */
+  blockStatusAbove(offsetBytes: number, bytes: number, base: BlockNode | null = null, wantZero = true): Promise<ChainStatusResult> {
+    return this.request(() => blockStatusAbove(this.node, base, offsetBytes, bytes, wantZero));
+  }
+
+  // ------------------------------------------------------------ graph
+
+  /** Re-points the backend at another node (mirror pivot); requests already in flight finish on the old one. */
+  replaceNode(node: BlockNode): void {
+    replaceChildNode(this.root, node);
+  }
+
+  /** Lets go of the node; it is closed when nothing else holds it. */
+  async close(): Promise<void> {
+    const edge = this.rootEdge;
+    if (!edge) return;
+    await this.waitIdle();
+    this.rootEdge = null;
+    detachChild(edge);
+    await this.graph.unref(edge.node);
+  }
+}

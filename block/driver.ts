@@ -1,0 +1,181 @@
+/*
+ * The driver interface (QEMU's BlockDriver vtable) and its normalised form.
+ *
+ * A driver is a plain exported object. It implements the core (`open`,
+ * `getLength`, `coPreadv`) and may add capabilities; `normaliseDriver` wraps
+ * it once at registration so every method exists and no call site writes
+ * `driver.x?.()`. Missing capabilities get the behaviour QEMU's generic layer
+ * gives them:
+ *
+ *   coPwritev        -> EPERM-free ENOTSUP (a read-only driver)
+ *   coPwriteZeroes   -> ENOTSUP, so the gate falls back to zero-buffer writes
+ *   coPdiscard       -> ENOTSUP, which the gate treats as "ignored" (a hint)
+ *   coFlushToOs/Disk -> nothing to do
+ *   coBlockStatus    -> everything is DATA (protocols: at the same offset);
+ *                       filters defer to their filtered child
+ *   coTruncate       -> ENOTSUP
+ *
+ * Contract: the gate calls drivers only with checked, aligned requests:
+ * offsets and lengths are non-negative integers, multiples of the node's
+ * `requestAlignment`, lengths at most `maxTransfer`, flags a subset of the
+ * node's supported flags. Drivers trust their inputs and never see a request
+ * of length zero. Buffers passed to coPwritev are read-only to the driver
+ * (the gate may pass one shared zero buffer to many requests).
+ */
+import type { z } from 'zod';
+import { BlockError } from './errors.js';
+import { Status, type Prealloc } from './flags.js';
+import type { BlockNode, BdrvChild, ChildRoleFlags } from './node.js';
+import type { BlockGraph } from './graph.js';
+
+/** What a driver's block status says about [offset, offset + pnum). */
+export interface BlockStatusResult {
+  /** Status bits (DATA, ZERO, OFFSET_VALID, RAW, ALLOCATED, EOF, RECURSE). */
+  status: number;
+  /** Bytes from the request offset with this status; > 0 inside the node. */
+  pnum: number;
+  /** Offset of the data inside `file`, when OFFSET_VALID (or RAW). */
+  map?: number;
+  /** The node holding the data, when OFFSET_VALID (or RAW). */
+  file?: BlockNode;
+}
+
+/** bdrv_get_info: facts a format knows about itself. */
+export interface DriverInfo {
+  clusterBytes?: number;
+  isDirty?: boolean;
+}
+
+/** qemu-img info's `format-specific` object. */
+export interface SpecificInfo {
+  type: string;
+  data: Record<string, unknown>;
+}
+
+/** One `-o` option of `qemu-img create` (QemuOptDesc). */
+export interface CreateOptDesc {
+  name: string;
+  type: 'size' | 'number' | 'bool' | 'string';
+  help: string;
+  /** Printed in the `Formatting …` line even when the user did not set it. */
+  defaultValue?: string;
+}
+
+/** Options of a create call, already validated against the create opts. */
+export interface CreateRequest {
+  filename: string;
+  /** Option values by name, as strings, exactly as qemu-img prints them. */
+  opts: Map<string, string>;
+}
+
+/** What a driver's `open` may do with the graph. */
+export interface OpenContext {
+  readonly graph: BlockGraph;
+  /**
+   * Opens (or references, when the option is a node name) the child under
+   * option key `name` and attaches it with the given role. Returns null when
+   * the key is absent and `optional` is set; otherwise a missing key is an
+   * EINVAL error naming the key.
+   */
+  openChild(name: string, role: ChildRoleFlags, opts?: { optional?: boolean }): Promise<BdrvChild | null>;
+}
+
+/** Context of a create call. */
+export interface CreateContext {
+  readonly graph: BlockGraph;
+}
+
+export interface BlockDriver {
+  /** QEMU's format_name: `file`, `raw`, `null-co`, `qcow2`, `blkdebug`. */
+  readonly name: string;
+  /** Set on protocol drivers (they talk to storage, not to another node). */
+  readonly protocolName?: string;
+  readonly isFilter?: boolean;
+  readonly isFormat?: boolean;
+  readonly supportsBacking?: boolean;
+  /** zod object schema of the driver-specific blockdev-add keys. */
+  readonly optionsSchema: z.ZodObject<z.ZodRawShape>;
+  /** `qemu-img create -o` options, in the order qemu-img prints them. */
+  readonly createOpts?: readonly CreateOptDesc[];
+
+  open(node: BlockNode, options: Record<string, unknown>, ctx: OpenContext): Promise<void>;
+  close?(node: BlockNode): Promise<void>;
+  getLength(node: BlockNode): Promise<number>;
+  coPreadv(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void>;
+  coPwritev?(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void>;
+  coPwriteZeroes?(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void>;
+  coPdiscard?(node: BlockNode, offsetBytes: number, bytes: number): Promise<void>;
+  coFlushToOs?(node: BlockNode): Promise<void>;
+  coFlushToDisk?(node: BlockNode): Promise<void>;
+  coBlockStatus?(node: BlockNode, wantZero: boolean, offsetBytes: number, bytes: number): Promise<BlockStatusResult>;
+  coTruncate?(node: BlockNode, offsetBytes: number, exact: boolean, prealloc: Prealloc, flags: number): Promise<void>;
+  coCreate?(ctx: CreateContext, request: CreateRequest): Promise<void>;
+  /** Score 0–100 of how sure the driver is that `header` is its format. */
+  probe?(header: Uint8Array, filename: string): number;
+  getInfo?(node: BlockNode): DriverInfo;
+  getSpecificInfo?(node: BlockNode): SpecificInfo | undefined;
+  /** Bytes the image occupies on the host (`actual-size`); undefined if unknown. */
+  getAllocatedFileSize?(node: BlockNode): Promise<number | undefined>;
+}
+
+/** A driver with every method present (see the note at the top). */
+export type NormalisedDriver = Required<
+  Omit<BlockDriver, 'protocolName' | 'createOpts' | 'probe' | 'coCreate' | 'getAllocatedFileSize'>
+> &
+  Pick<BlockDriver, 'protocolName' | 'createOpts' | 'probe' | 'coCreate' | 'getAllocatedFileSize'> & {
+    readonly has: {
+      readonly pwritev: boolean;
+      readonly pwriteZeroes: boolean;
+      readonly pdiscard: boolean;
+      readonly blockStatus: boolean;
+      readonly truncate: boolean;
+    };
+  };
+
+const notSupported = (what: string) => async (): Promise<never> => {
+  throw new BlockError('ENOTSUP', `${what}: Operation not supported`);
+};
+const nothing = async (): Promise<void> => {};
+
+export function normaliseDriver(d: BlockDriver): NormalisedDriver {
+  return {
+    ...d,
+    isFilter: d.isFilter ?? false,
+    isFormat: d.isFormat ?? false,
+    supportsBacking: d.supportsBacking ?? false,
+    close: d.close ?? nothing,
+    coPwritev: d.coPwritev ?? notSupported(`driver '${d.name}' cannot write`),
+    coPwriteZeroes: d.coPwriteZeroes ?? notSupported('write zeroes'),
+    coPdiscard: d.coPdiscard ?? notSupported('discard'),
+    coFlushToOs: d.coFlushToOs ?? nothing,
+    coFlushToDisk: d.coFlushToDisk ?? nothing,
+    coBlockStatus: d.coBlockStatus ?? defaultBlockStatus(d),
+    coTruncate: d.coTruncate ?? notSupported(`Image format driver '${d.name}' does not support resize`),
+    getInfo: d.getInfo ?? (() => ({})),
+    getSpecificInfo: d.getSpecificInfo ?? (() => undefined),
+    has: {
+      pwritev: d.coPwritev !== undefined,
+      pwriteZeroes: d.coPwriteZeroes !== undefined,
+      pdiscard: d.coPdiscard !== undefined,
+      blockStatus: d.coBlockStatus !== undefined,
+      truncate: d.coTruncate !== undefined,
+    },
+  };
+}
+
+/**
+ * QEMU's answer for drivers without block status: everything is data;
+ * a protocol holds it at the same offset; a filter defers to its child.
+ */
+function defaultBlockStatus(d: BlockDriver): NonNullable<BlockDriver['coBlockStatus']> {
+  return async (node, _wantZero, offsetBytes, bytes) => {
+    const filtered = d.isFilter ? node.filteredChild : null;
+    if (filtered) {
+      return { status: Status.RAW | Status.OFFSET_VALID, pnum: bytes, map: offsetBytes, file: filtered.node };
+    }
+    if (d.protocolName !== undefined) {
+      return { status: Status.DATA | Status.OFFSET_VALID, pnum: bytes, map: offsetBytes, file: node };
+    }
+    return { status: Status.DATA, pnum: bytes };
+  };
+}

@@ -1,0 +1,339 @@
+/*
+ * The node graph: the registry of drivers and of open nodes, and the open,
+ * probe, create and close paths (QEMU's block.c, much reduced).
+ *
+ * Opening takes blockdev-add style options (QEMU's key names, validated by
+ * zod): the common keys, then the driver's; children are options objects
+ * opened recursively, or names of nodes already in the graph. Children
+ * inherit read-only, discard, cache.* and force-share from their parent
+ * unless they set them; backing (COW) children are always read-only.
+ *
+ * Opening by filename, as qemu-img does, picks the protocol from a `proto:`
+ * prefix (else `file`), accepts `json:{...}` pseudo-filenames, and probes
+ * the format from the first bytes when none is given; a probed raw image
+ * restricts writes to its first sector and the graph emits QEMU's warning
+ * through `onWarning` when such an image is opened writable.
+ *
+ * Lifetime: a node lives while something holds an edge to it or the user
+ * owns it (`userOwned`, set for nodes added by name, as blockdev-add does).
+ * `unref` closes a node that nothing holds: drain, flush, driver close, then
+ * its children in turn.
+ */
+import { BlockError, toBlockError } from './errors.js';
+import { Perm, isPowerOfTwo } from './flags.js';
+import { normaliseDriver, type BlockDriver, type CreateOptDesc, type NormalisedDriver, type OpenContext } from './driver.js';
+import { MAX_ALIGNMENT_BYTES, flush, preadv, refreshLength } from './io.js';
+import { JSON_FILENAME_PREFIX, parseJsonFilename, type OptionTree } from './keyval.js';
+import { attachChild, BlockNode, ChildRole, detachChild, TransientParent, type ChildRoleFlags, type OpenFlags } from './node.js';
+import { parseBaseOptions, parseWith, type BaseOptions, type BlockdevRef } from './options.js';
+import { drain } from './drain.js';
+
+/** Bytes read from an image to probe its format (BLOCK_PROBE_BUF_SIZE). */
+export const PROBE_BUF_BYTES = 512;
+
+/** What a parent passes down to the children it opens. */
+export interface Inherited {
+  readOnly?: boolean;
+  unmap?: boolean;
+  direct?: boolean;
+  noFlush?: boolean;
+  forceShare?: boolean;
+  /** The format was probed, not given (raw then guards its first sector). */
+  probed?: boolean;
+}
+
+export interface OpenImageOptions {
+  /** Format driver name (`-f`); probed from the content when absent. */
+  format?: string;
+  readOnly?: boolean;
+  /** Extra options merged into the top node's (e.g. `{ 'detect-zeroes': 'on' }`). */
+  options?: OptionTree;
+  /** Options for the protocol node under a format (e.g. `{ 'cache': { direct: true } }`). */
+  protocolOptions?: OptionTree;
+  /** qemu-img -U: share all permissions with other users of the image. */
+  forceShare?: boolean;
+}
+
+const PROTOCOL_PREFIX = /^([a-zA-Z0-9+.-]+):/;
+
+export class BlockGraph {
+  private readonly drivers = new Map<string, NormalisedDriver>();
+  /** Every open node, by node name. */
+  readonly nodes = new Map<string, BlockNode>();
+  private autoNames = 0;
+  /** Receives warnings the block layer prints (qemu-img prints them on stderr). */
+  onWarning: (message: string) => void = () => {};
+
+  constructor(drivers: readonly BlockDriver[]) {
+    for (const d of drivers) this.drivers.set(d.name, normaliseDriver(d));
+  }
+
+  driverNames(): string[] {
+    return [...this.drivers.keys()];
+  }
+
+  findDriver(name: string): NormalisedDriver | undefined {
+    return this.drivers.get(name);
+  }
+
+  driver(name: string): NormalisedDriver {
+    const d = this.drivers.get(name);
+    if (!d) throw new BlockError('EINVAL', `Unknown driver '${name}'`);
+    return d;
+  }
+
+  /** Protocol driver for a filename: `proto:` prefix if a driver has that protocol name, else `file`. */
+  protocolFor(filename: string): NormalisedDriver {
+    const m = PROTOCOL_PREFIX.exec(filename);
+    if (m) {
+      for (const d of this.drivers.values()) if (d.protocolName === m[1]) return d;
+    }
+    return this.driver('file');
+  }
+
+  node(name: string): BlockNode {
+    const n = this.nodes.get(name);
+    if (!n) throw new BlockError('ENOENT', `Cannot find device=${name} nor node-name=${name}`);
+    return n;
+  }
+
+  // ------------------------------------------------------------ open
+
+  /** Opens a node from blockdev-add style options (or returns a named one). */
+  async openNode(spec: BlockdevRef, inherit: Inherited = {}): Promise<BlockNode> {
+    if (typeof spec === 'string') return this.node(spec);
+    const { base, rest } = parseBaseOptions(spec as Record<string, unknown>);
+    const driver = this.driver(base.driver);
+    const kind = driver.protocolName !== undefined ? 'protocol' : 'format';
+    const driverOptions = parseWith(driver.optionsSchema.strict(), rest, (key) =>
+      kind === 'protocol'
+        ? `Block protocol '${driver.name}' doesn't support the option '${key}'`
+        : `Block format '${driver.name}' does not support the option '${key}'`,
+    ) as Record<string, unknown>;
+    const node = this.newNode(driver, base, inherit);
+    node.options = spec as Record<string, unknown>;
+    try {
+      await driver.open(node, driverOptions, this.openContext(node, driverOptions, base, inherit));
+      this.checkLimits(node);
+      await refreshLength(node);
+      if (!node.filename) node.filename = this.describeFilename(node);
+    } catch (e) {
+      await this.abandon(node);
+      throw e;
+    }
+    return node;
+  }
+
+  private newNode(driver: NormalisedDriver, base: BaseOptions, inherit: Inherited): BlockNode {
+    const name = base['node-name'];
+    if (name !== undefined && this.nodes.has(name)) {
+      throw new BlockError('EEXIST', `Duplicate nodes with node-name='${name}'`);
+    }
+    const discard = base.discard;
+    const unmap = discard === undefined ? (inherit.unmap ?? false) : discard === 'unmap' || discard === 'on';
+    const detectZeroes = base['detect-zeroes'] ?? 'off';
+    if (detectZeroes === 'unmap' && !unmap) {
+      throw new BlockError('EINVAL', 'setting detect-zeroes to unmap is not allowed without setting discard operation to unmap');
+    }
+    const flags: OpenFlags = {
+      unmap,
+      detectZeroes,
+      direct: base.cache?.direct ?? inherit.direct ?? false,
+      noFlush: base.cache?.['no-flush'] ?? inherit.noFlush ?? false,
+    };
+    const readOnly = base['read-only'] ?? inherit.readOnly ?? false;
+    const nodeName = name ?? `#block${String(++this.autoNames).padStart(3, '0')}`;
+    const node = new BlockNode(driver, nodeName, name === undefined, readOnly, flags);
+    node.forceShare = base['force-share'] ?? inherit.forceShare ?? false;
+    node.probed = inherit.probed ?? false;
+    this.nodes.set(nodeName, node);
+    return node;
+  }
+
+  private openContext(node: BlockNode, driverOptions: Record<string, unknown>, base: BaseOptions, inherit: Inherited): OpenContext {
+    return {
+      graph: this,
+      openChild: async (name, role, opts = {}) => {
+        const spec = driverOptions[name] as BlockdevRef | undefined | null;
+        if (spec === undefined || spec === null) {
+          if (opts.optional) return null;
+          throw new BlockError('EINVAL', `Parameter '${name}' is required`);
+        }
+        const childInherit: Inherited = {
+          readOnly: role & ChildRole.COW ? true : node.readOnly,
+          unmap: node.openFlags.unmap,
+          direct: node.openFlags.direct,
+          noFlush: node.openFlags.noFlush,
+          forceShare: base['force-share'] ?? inherit.forceShare,
+        };
+        const child = await this.openNode(spec, childInherit);
+        try {
+          return this.attach(node, name, role, child);
+        } catch (e) {
+          await this.unref(child);
+          throw e;
+        }
+      },
+    };
+  }
+
+  /** Attaches `child` under `parent` with QEMU's default permissions for the role. */
+  attach(parent: BlockNode, name: string, role: ChildRoleFlags, child: BlockNode) {
+    const writable = !parent.readOnly && !(role & ChildRole.COW);
+    const perm = Perm.CONSISTENT_READ | (writable ? Perm.WRITE | Perm.RESIZE : 0);
+    let shared = role & ChildRole.COW ? Perm.ALL : Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED;
+    if (role & ChildRole.FILTERED || parent.forceShare) shared = Perm.ALL;
+    return attachChild(parent, name, role, child, perm, shared);
+  }
+
+  private checkLimits(node: BlockNode): void {
+    const align = node.limits.requestAlignment;
+    if (!isPowerOfTwo(align) || align > MAX_ALIGNMENT_BYTES) {
+      throw new BlockError('EINVAL', `Invalid request alignment ${align} (must be a power of two up to ${MAX_ALIGNMENT_BYTES})`);
+    }
+  }
+
+  /** QEMU's refreshed filename: a format or filter with nothing of its own shows its child's. */
+  private describeFilename(node: BlockNode): string {
+    const primary = node.primaryChild ?? node.file;
+    const own = Object.keys(node.options).filter((k) => !['driver', 'node-name', 'file', 'backing', 'image'].includes(k));
+    if (primary && own.length === 0) return primary.node.filename;
+    return `json:${JSON.stringify(node.options)}`;
+  }
+
+  /** Undoes a failed open: children and registration. */
+  private async abandon(node: BlockNode): Promise<void> {
+    this.nodes.delete(node.nodeName);
+    node.closed = true;
+    for (const edge of [...node.children]) {
+      detachChild(edge);
+      await this.unref(edge.node);
+    }
+  }
+
+  // ------------------------------------------------------------ open by filename
+
+  /** Opens an image the way qemu-img and qemu-io do: filename, optional format. */
+  async openImage(filename: string, opts: OpenImageOptions = {}): Promise<BlockNode> {
+    const inherit: Inherited = { readOnly: opts.readOnly ?? false, forceShare: opts.forceShare };
+    if (filename.startsWith(JSON_FILENAME_PREFIX)) {
+      const tree: OptionTree = { ...parseJsonFilename(filename), ...opts.options };
+      if (tree.driver === undefined && opts.format) tree.driver = opts.format;
+      return this.openNode(tree, inherit);
+    }
+    const protocol = this.protocolFor(filename);
+    const protocolSpec: OptionTree = { driver: protocol.name, filename, ...opts.protocolOptions };
+    if (opts.format === protocol.name) return this.openNode({ ...protocolSpec, ...opts.options }, inherit);
+    if (opts.format) {
+      this.driver(opts.format);
+      return this.openNode({ driver: opts.format, file: protocolSpec, ...opts.options }, inherit);
+    }
+    return this.openProbed(filename, protocolSpec, opts, inherit);
+  }
+
+  private async openProbed(filename: string, protocolSpec: OptionTree, opts: OpenImageOptions, inherit: Inherited) {
+    const file = await this.openNode(protocolSpec, inherit);
+    try {
+      const format = await this.probeFormat(file, filename);
+      return await this.openNode({ driver: format, file: file.nodeName, ...opts.options }, { ...inherit, probed: true });
+    } catch (e) {
+      await this.unref(file);
+      throw e;
+    }
+  }
+
+  /** Picks the format driver whose probe scores highest on the first bytes of `file`. */
+  async probeFormat(file: BlockNode, filename: string): Promise<string> {
+    const header = new Uint8Array(Math.min(PROBE_BUF_BYTES, file.totalBytes));
+    const reader = attachChild(new TransientParent('format probe'), 'probe', 0, file, Perm.CONSISTENT_READ, Perm.ALL);
+    try {
+      await preadv(reader, 0, header);
+    } catch (e) {
+      throw toBlockError(e, `Could not read image for determining its format`);
+    } finally {
+      detachChild(reader);
+    }
+    return this.bestProbe(header, filename);
+  }
+
+  /** The format whose probe scores highest for `header` (raw always scores 1). */
+  bestProbe(header: Uint8Array, filename: string): string {
+    let best = '';
+    let bestScore = 0;
+    for (const d of this.drivers.values()) {
+      const score = d.probe ? d.probe(header, filename) : 0;
+      if (score > bestScore) {
+        best = d.name;
+        bestScore = score;
+      }
+    }
+    if (!best) throw new BlockError('ENOTSUP', 'Could not determine image format: No compatible format found');
+    return best;
+  }
+
+  // ------------------------------------------------------------ lifetime
+
+  /** Closes `node` if nothing holds it any more: drain, flush, close, then its children. */
+  async unref(node: BlockNode): Promise<void> {
+    if (node.closed || node.parents.length > 0 || node.userOwned) return;
+    await this.closeNode(node);
+  }
+
+  /** Closes a node no parent holds (blockdev-del and unref). */
+  async closeNode(node: BlockNode): Promise<void> {
+    if (node.parents.length > 0) {
+      const e = node.parents[0]!;
+      throw new BlockError('EBUSY', `Node '${node.nodeName}' is busy: node is used as ${e.name} of ${e.parent.describe()}`);
+    }
+    if (node.closed) return;
+    await drain(node);
+    let failure: unknown = null;
+    try {
+      await flush(node);
+    } catch (e) {
+      failure = e;
+    }
+    try {
+      await node.driver.close(node);
+    } catch (e) {
+      failure ??= e;
+    }
+    node.closed = true;
+    this.nodes.delete(node.nodeName);
+    for (const edge of [...node.children]) {
+      detachChild(edge);
+      await this.unref(edge.node);
+    }
+    if (failure) throw failure;
+  }
+
+  // ------------------------------------------------------------ create
+
+  /** The `-o` options qemu-img create accepts for a format on a filename. */
+  createOptsFor(format: string, filename: string): CreateOptDesc[] {
+    const fmt = this.driver(format);
+    const merged = [...(fmt.createOpts ?? [])];
+    if (fmt.protocolName === undefined && !filename.startsWith(JSON_FILENAME_PREFIX)) {
+      for (const o of this.protocolFor(filename).createOpts ?? []) {
+        if (!merged.some((m) => m.name === o.name)) merged.push(o);
+      }
+    }
+    return merged;
+  }
+
+  /** Creates an image (bdrv_create): the format driver's create, with its options by name. */
+  async createImage(format: string, filename: string, opts: Map<string, string>): Promise<void> {
+    const drv = this.driver(format);
+    if (!drv.coCreate) throw new BlockError('ENOTSUP', `Format driver '${format}' does not support image creation`);
+    await drv.coCreate({ graph: this }, { filename, opts });
+  }
+
+  /** Creates the protocol-level file under a format (bdrv_create_file). */
+  async createFile(filename: string, opts: Map<string, string>): Promise<void> {
+    const proto = this.protocolFor(filename);
+    if (!proto.coCreate) throw new BlockError('ENOTSUP', `Protocol driver '${proto.name}' does not support image creation`);
+    const own = new Set((proto.createOpts ?? []).map((o) => o.name));
+    const filtered = new Map([...opts].filter(([k]) => own.has(k)));
+    await proto.coCreate({ graph: this }, { filename, opts: filtered });
+  }
+}

@@ -1,0 +1,461 @@
+/*
+ * The request gate (QEMU's block/io.c): every read, write, write-zeroes,
+ * discard, flush and truncate of every node passes through here, so drivers
+ * stay small and trust their inputs.
+ *
+ * Requests are issued through an edge (BdrvChild), whose permissions say
+ * whether the caller may write or grow the node. In order, the gate:
+ *   1. checks the node is open and the range is sane (EIO, as QEMU), the
+ *      node writable (EPERM) and the edge allowed to write (EPERM);
+ *   2. counts the request in flight (for drain) and tracks its range;
+ *   3. aligns it: an unaligned read reads the covering aligned range into a
+ *      bounce buffer; an unaligned write or write-zeroes becomes
+ *      read-modify-write of the head and tail blocks, serialised against
+ *      overlapping requests;
+ *   4. splits it by `maxTransfer` (write-zeroes by its own limits);
+ *   5. supplies the fallbacks: write-zeroes -> zero-buffer writes when the
+ *      driver lacks it or says ENOTSUP (unless NO_FALLBACK, which yields
+ *      ENOTSUP); MAY_UNMAP is dropped unless the node was opened with
+ *      discard=unmap; FUA -> write, then flush when the driver lacks FUA;
+ *      discard is a hint (ignored when not enabled, unsupported or ENOTSUP);
+ *      detect-zeroes turns all-zero writes into write-zeroes;
+ *   6. on completion bumps the write generation (so a flush with nothing to
+ *      do is free) and grows the cached length after writes past the end.
+ *
+ * Reads past the end of a node (only possible inside its last aligned block,
+ * or from a parent reading a short backing file) return zeroes. The
+ * user-facing range check (EIO beyond the end) lives in BlockBackend.
+ */
+import { BlockError } from './errors.js';
+import { Perm, Req, alignDown, alignUp, isAligned, type Prealloc } from './flags.js';
+import type { BdrvChild, BlockNode } from './node.js';
+import { beginTracked, endTracked, markSerialising, waitSerialising, type TrackedRequest } from './tracked.js';
+
+/** Node lengths are whole multiples of this (QEMU's BDRV_SECTOR_SIZE). */
+export const SECTOR_BYTES = 512;
+/** Offsets and lengths are JS numbers: the largest length we accept (8 PiB - 1 GiB). */
+export const MAX_LENGTH_BYTES = 2 ** 53 - 2 ** 30;
+/** Largest single driver call; bigger requests are split (also bounds bounce buffers). */
+export const MAX_REQUEST_BYTES = 2 ** 30;
+/** Size of the shared zero buffer used by the write-zeroes fallback. */
+export const ZERO_BUFFER_BYTES = 1 << 20;
+/** Largest alignment a node may ask for (QEMU's BDRV_MAX_ALIGNMENT is larger; 1 MiB bounds bounce buffers). */
+export const MAX_ALIGNMENT_BYTES = 1 << 20;
+
+const ZERO_BUFFER: Uint8Array = new Uint8Array(ZERO_BUFFER_BYTES);
+
+export function checkRange(offsetBytes: number, bytes: number): void {
+  if (!Number.isSafeInteger(offsetBytes) || !Number.isSafeInteger(bytes)) {
+    throw new BlockError('EINVAL', `Invalid request: offset ${offsetBytes}, length ${bytes}`);
+  }
+  if (offsetBytes < 0 || bytes < 0 || bytes > MAX_LENGTH_BYTES || offsetBytes > MAX_LENGTH_BYTES - bytes) {
+    throw new BlockError('EIO');
+  }
+}
+
+function checkOpen(node: BlockNode): void {
+  if (node.closed) throw new BlockError('ENOMEDIUM');
+}
+
+function checkWrite(child: BdrvChild, offsetBytes: number, bytes: number): void {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offsetBytes, bytes);
+  if (node.readOnly || !(child.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED))) {
+    throw new BlockError('EPERM');
+  }
+  if (offsetBytes + bytes > node.totalBytes && !(child.perm & Perm.RESIZE)) {
+    throw new BlockError('EIO', `Write beyond the end of ${node.describe()} without resize permission`);
+  }
+}
+
+/** Largest chunk the driver takes in one call, aligned to `align`. */
+function maxChunk(limitBytes: number, align: number): number {
+  const limit = limitBytes > 0 ? Math.min(limitBytes, MAX_REQUEST_BYTES) : MAX_REQUEST_BYTES;
+  return Math.max(alignDown(limit, align), align);
+}
+
+/** Runs `op` over [offset, offset + buf.length) in chunks of at most `chunkBytes`. */
+async function forEachChunk(
+  offsetBytes: number,
+  buf: Uint8Array,
+  chunkBytes: number,
+  op: (offsetBytes: number, chunk: Uint8Array, last: boolean) => Promise<void>,
+): Promise<void> {
+  for (let done = 0; done < buf.length; ) {
+    const n = Math.min(chunkBytes, buf.length - done);
+    await op(offsetBytes + done, buf.subarray(done, done + n), done + n === buf.length);
+    done += n;
+  }
+}
+
+/** Runs `body` with the request counted in flight and tracked. */
+async function inRequest<T>(
+  node: BlockNode,
+  offsetBytes: number,
+  bytes: number,
+  body: (req: TrackedRequest) => Promise<T>,
+): Promise<T> {
+  node.incInFlight();
+  const req = beginTracked(node, offsetBytes, bytes);
+  try {
+    return await body(req);
+  } finally {
+    endTracked(node, req);
+    node.decInFlight();
+  }
+}
+
+// ---------------------------------------------------------------- read
+
+/** Reads `buf.length` bytes at `offsetBytes` from the edge's node. */
+export async function preadv(child: BdrvChild, offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offsetBytes, buf.length);
+  if (buf.length === 0) return;
+  await inRequest(node, offsetBytes, buf.length, async (req) => {
+    await waitSerialising(node, req);
+    const align = node.limits.requestAlignment;
+    if (isAligned(offsetBytes, align) && isAligned(buf.length, align)) {
+      await alignedPreadv(node, offsetBytes, buf, flags);
+      return;
+    }
+    const start = alignDown(offsetBytes, align);
+    const bounce = new Uint8Array(alignUp(offsetBytes + buf.length, align) - start);
+    await alignedPreadv(node, start, bounce, flags);
+    buf.set(bounce.subarray(offsetBytes - start, offsetBytes - start + buf.length));
+  });
+}
+
+/** An aligned read: the driver sees at most the node's length, rounded up; zeroes beyond. */
+async function alignedPreadv(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void> {
+  const align = node.limits.requestAlignment;
+  const readable = Math.min(buf.length, alignUp(Math.max(0, node.totalBytes - offsetBytes), align));
+  const chunk = maxChunk(node.limits.maxTransfer, align);
+  await forEachChunk(offsetBytes, buf.subarray(0, readable), chunk, (o, b) =>
+    node.driver.coPreadv(node, o, b, flags),
+  );
+  if (readable < buf.length) buf.fill(0, readable);
+}
+
+// ---------------------------------------------------------------- write
+
+/** Writes `buf` at `offsetBytes` through the edge. */
+export async function pwritev(child: BdrvChild, offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
+  checkWrite(child, offsetBytes, buf.length);
+  if (buf.length === 0) return;
+  const node = child.node;
+  await inRequest(node, offsetBytes, buf.length, async (req) => {
+    const align = node.limits.requestAlignment;
+    if (isAligned(offsetBytes, align) && isAligned(buf.length, align)) {
+      await waitSerialising(node, req);
+      await alignedWrite(node, offsetBytes, buf.length, buf, flags);
+      return;
+    }
+    markSerialising(node, req, align);
+    await waitSerialising(node, req);
+    const start = alignDown(offsetBytes, align);
+    const bounce = new Uint8Array(alignUp(offsetBytes + buf.length, align) - start);
+    await alignedPreadv(node, start, bounce.subarray(0, align), 0);
+    if (bounce.length > align) {
+      await alignedPreadv(node, start + bounce.length - align, bounce.subarray(bounce.length - align), 0);
+    }
+    bounce.set(buf, offsetBytes - start);
+    await alignedWrite(node, start, bounce.length, bounce, flags);
+  });
+}
+
+function isZeroBuffer(buf: Uint8Array): boolean {
+  for (let done = 0; done < buf.length; done += ZERO_BUFFER_BYTES) {
+    const n = Math.min(ZERO_BUFFER_BYTES, buf.length - done);
+    if (!Buffer.from(buf.buffer, buf.byteOffset + done, n).equals(ZERO_BUFFER.subarray(0, n))) return false;
+  }
+  return true;
+}
+
+/**
+ * An aligned write (bdrv_aligned_pwritev). `buf` is null for write-zeroes
+ * (flags then include ZERO_WRITE). Applies detect-zeroes, then either the
+ * write-zeroes path or split driver writes; always bumps the generation.
+ */
+async function alignedWrite(
+  node: BlockNode,
+  offsetBytes: number,
+  bytes: number,
+  buf: Uint8Array | null,
+  flags: number,
+): Promise<void> {
+  const mode = node.openFlags.detectZeroes;
+  if (buf && !(flags & Req.ZERO_WRITE) && mode !== 'off' && node.driver.has.pwriteZeroes && isZeroBuffer(buf)) {
+    flags |= Req.ZERO_WRITE;
+    if (mode === 'unmap' && node.openFlags.unmap) flags |= Req.MAY_UNMAP;
+  }
+  try {
+    if (flags & Req.ZERO_WRITE || !buf) {
+      await doPwriteZeroes(node, offsetBytes, bytes, flags);
+    } else {
+      await driverPwritev(node, offsetBytes, buf, flags);
+    }
+  } finally {
+    node.writeGen++;
+    if (offsetBytes + bytes > node.totalBytes) node.totalBytes = offsetBytes + bytes;
+  }
+}
+
+/** Splits a write by maxTransfer; emulates FUA with one flush at the end. */
+async function driverPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void> {
+  const emulateFua = (flags & Req.FUA) !== 0 && !(node.supportedWriteFlags & Req.FUA);
+  const driverFlags = flags & node.supportedWriteFlags & ~Req.ZERO_WRITE;
+  const chunk = maxChunk(node.limits.maxTransfer, node.limits.requestAlignment);
+  await forEachChunk(offsetBytes, buf, chunk, (o, b) => node.driver.coPwritev(node, o, b, driverFlags));
+  if (emulateFua) await flush(node);
+}
+
+// ---------------------------------------------------------------- write zeroes
+
+/** Makes [offset, offset + bytes) read as zeroes (MAY_UNMAP: it may also be deallocated). */
+export async function pwriteZeroes(child: BdrvChild, offsetBytes: number, bytes: number, flags = 0): Promise<void> {
+  checkWrite(child, offsetBytes, bytes);
+  if (bytes === 0) return;
+  const node = child.node;
+  if (!node.openFlags.unmap) flags &= ~Req.MAY_UNMAP;
+  flags |= Req.ZERO_WRITE;
+  await inRequest(node, offsetBytes, bytes, async (req) => {
+    const align = node.limits.requestAlignment;
+    if (isAligned(offsetBytes, align) && isAligned(bytes, align)) {
+      await waitSerialising(node, req);
+      await alignedWrite(node, offsetBytes, bytes, null, flags);
+      return;
+    }
+    markSerialising(node, req, align);
+    await waitSerialising(node, req);
+    await unalignedZeroes(node, offsetBytes, bytes, flags);
+  });
+}
+
+/**
+ * Write-zeroes with an unaligned head or tail (bdrv_co_do_zero_pwritev):
+ * the partial blocks are read, zeroed in memory and written back; the
+ * aligned middle goes down as write-zeroes.
+ */
+async function unalignedZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void> {
+  const align = node.limits.requestAlignment;
+  const end = offsetBytes + bytes;
+  const headBlock = isAligned(offsetBytes, align) ? null : alignDown(offsetBytes, align);
+  const tailBlock = isAligned(end, align) ? null : alignDown(end, align);
+  const middleStart = headBlock === null ? offsetBytes : headBlock + align;
+  const middleEnd = tailBlock === null ? end : tailBlock;
+  const partialBlocks = [headBlock, tailBlock].filter((b, i, all): b is number => b !== null && all.indexOf(b) === i);
+  for (const block of partialBlocks) {
+    const buf = new Uint8Array(align);
+    await alignedPreadv(node, block, buf, 0);
+    buf.fill(0, Math.max(offsetBytes, block) - block, Math.min(end, block + align) - block);
+    await alignedWrite(node, block, align, buf, flags & ~(Req.ZERO_WRITE | Req.MAY_UNMAP));
+  }
+  if (middleEnd > middleStart) await alignedWrite(node, middleStart, middleEnd - middleStart, null, flags);
+}
+
+/**
+ * Aligned write-zeroes (bdrv_co_do_pwrite_zeroes): split by the node's
+ * zero alignment and limit; the driver's write-zeroes first, then the
+ * zero-buffer fallback unless NO_FALLBACK.
+ */
+async function doPwriteZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void> {
+  if (flags & Req.NO_FALLBACK & ~node.supportedZeroFlags) {
+    throw new BlockError('ENOTSUP', 'Fast write zeroes not supported');
+  }
+  const alignment = Math.max(node.limits.pwriteZeroesAlignment, node.limits.requestAlignment);
+  const maxZeroes = maxChunk(node.limits.maxPwriteZeroes, alignment);
+  let head = offsetBytes % alignment;
+  const tail = (offsetBytes + bytes) % alignment;
+  let needFlush = false;
+  while (bytes > 0) {
+    let num = bytes;
+    if (head) {
+      num = Math.min(bytes, alignment - head);
+      head = (head + num) % alignment;
+    } else if (tail && num > alignment) {
+      num -= tail;
+    }
+    num = Math.min(num, maxZeroes);
+    const zeroed = await tryDriverZeroes(node, offsetBytes, num, flags);
+    if (zeroed) {
+      needFlush ||= (flags & Req.FUA) !== 0 && !(node.supportedZeroFlags & Req.FUA);
+    } else {
+      num = Math.min(num, maxChunk(node.limits.maxTransfer, node.limits.requestAlignment), ZERO_BUFFER_BYTES);
+      const writeFlags = flags & ~(Req.ZERO_WRITE | Req.FUA);
+      needFlush ||= (flags & Req.FUA) !== 0;
+      await node.driver.coPwritev(node, offsetBytes, ZERO_BUFFER.subarray(0, num), writeFlags & node.supportedWriteFlags);
+    }
+    offsetBytes += num;
+    bytes -= num;
+  }
+  if (needFlush) await flush(node);
+}
+
+/** The driver's own write-zeroes; false when it says ENOTSUP and a fallback is allowed. */
+async function tryDriverZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<boolean> {
+  if (!node.driver.has.pwriteZeroes) {
+    if (flags & Req.NO_FALLBACK) throw new BlockError('ENOTSUP', 'Fast write zeroes not supported');
+    return false;
+  }
+  try {
+    await node.driver.coPwriteZeroes(node, offsetBytes, bytes, flags & node.supportedZeroFlags);
+    return true;
+  } catch (e) {
+    if (e instanceof BlockError && e.code === 'ENOTSUP' && !(flags & Req.NO_FALLBACK)) return false;
+    throw e;
+  }
+}
+
+// ---------------------------------------------------------------- discard
+
+/**
+ * Discards [offset, offset + bytes): a hint. Nothing happens unless the node
+ * was opened with discard=unmap and its driver discards; ENOTSUP is ignored.
+ * Unaligned edges are sent as smaller requests (devices may coalesce them).
+ */
+export async function pdiscard(child: BdrvChild, offsetBytes: number, bytes: number): Promise<void> {
+  checkWrite(child, offsetBytes, bytes);
+  const node = child.node;
+  if (bytes === 0 || !node.openFlags.unmap || !node.driver.has.pdiscard) return;
+  await inRequest(node, offsetBytes, bytes, async (req) => {
+    await waitSerialising(node, req);
+    try {
+      await discardChunks(node, offsetBytes, bytes);
+    } finally {
+      node.writeGen++;
+    }
+  });
+}
+
+/** QEMU's discard fragmentation: small requests up to the alignment, then aligned ones. */
+async function discardChunks(node: BlockNode, offsetBytes: number, bytes: number): Promise<void> {
+  const requestAlign = node.limits.requestAlignment;
+  const align = Math.max(node.limits.pdiscardAlignment, requestAlign);
+  const maxDiscard = maxChunk(node.limits.maxPdiscard, align);
+  let head = offsetBytes % align;
+  let tail = (offsetBytes + bytes) % align;
+  while (bytes > 0) {
+    let num = bytes;
+    if (head) {
+      num = Math.min(bytes, align - head);
+      if (!isAligned(num, requestAlign)) num %= requestAlign;
+      head = (head + num) % align;
+    } else if (tail) {
+      if (num > align) {
+        num -= tail;
+      } else if (!isAligned(tail, requestAlign) && tail > requestAlign) {
+        tail %= requestAlign;
+        num -= tail;
+      }
+    }
+    num = Math.min(num, maxDiscard);
+    try {
+      await node.driver.coPdiscard(node, offsetBytes, num);
+    } catch (e) {
+      if (!(e instanceof BlockError && e.code === 'ENOTSUP')) throw e;
+    }
+    offsetBytes += num;
+    bytes -= num;
+  }
+}
+
+// ---------------------------------------------------------------- flush
+
+/**
+ * Flushes the node and, below it, every child it writes to (bdrv_co_flush).
+ * Flushes of a node run one at a time in generation order; the disk flush is
+ * skipped when nothing was written since the last one, or with cache.no-flush.
+ */
+export async function flush(node: BlockNode): Promise<void> {
+  checkOpen(node);
+  if (node.readOnly) return;
+  node.incInFlight();
+  try {
+    const generation = node.writeGen;
+    while (node.activeFlush) await node.activeFlush.catch(() => undefined);
+    const run = flushOnce(node, generation);
+    node.activeFlush = run;
+    try {
+      await run;
+    } finally {
+      node.activeFlush = null;
+    }
+  } finally {
+    node.decInFlight();
+  }
+}
+
+async function flushOnce(node: BlockNode, generation: number): Promise<void> {
+  await node.driver.coFlushToOs(node);
+  if (!node.openFlags.noFlush && node.flushedGen !== generation) {
+    await node.driver.coFlushToDisk(node);
+  }
+  let firstError: unknown = null;
+  for (const edge of [...node.children]) {
+    if (!(edge.perm & (Perm.WRITE | Perm.WRITE_UNCHANGED))) continue;
+    try {
+      await flush(edge.node);
+    } catch (e) {
+      firstError ??= e;
+    }
+  }
+  if (firstError) throw firstError;
+  node.flushedGen = generation;
+}
+
+// ---------------------------------------------------------------- truncate
+
+/**
+ * Resizes the node to `offsetBytes` (bdrv_co_truncate). Filters without
+ * their own truncate pass it to their child. The cached length is refreshed
+ * from the driver afterwards.
+ */
+export async function truncate(
+  child: BdrvChild,
+  offsetBytes: number,
+  exact: boolean,
+  prealloc: Prealloc,
+  flags = 0,
+): Promise<void> {
+  const node = child.node;
+  checkOpen(node);
+  if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0) {
+    throw new BlockError('EINVAL', 'Image size cannot be negative');
+  }
+  if (offsetBytes > MAX_LENGTH_BYTES) {
+    throw new BlockError('EFBIG', `Required too big image size, it must be not greater than ${MAX_LENGTH_BYTES}`);
+  }
+  if (node.readOnly) throw new BlockError('EACCES', 'Image is read-only');
+  if (!(child.perm & Perm.RESIZE)) throw new BlockError('EPERM', `No permission to resize ${node.describe()}`);
+  const oldBytes = node.totalBytes;
+  const low = Math.min(oldBytes, offsetBytes);
+  await inRequest(node, low, Math.max(oldBytes, offsetBytes) - low, async (req) => {
+    markSerialising(node, req, 1);
+    await waitSerialising(node, req);
+    try {
+      const filtered = node.driver.has.truncate ? null : node.filteredChild;
+      if (filtered) {
+        await truncate(filtered, offsetBytes, exact, prealloc, flags);
+      } else {
+        await node.driver.coTruncate(node, offsetBytes, exact, prealloc, flags);
+      }
+    } finally {
+      node.writeGen++;
+      await refreshLength(node);
+    }
+  });
+}
+
+/**
+ * Re-reads the node's length from its driver (bdrv_refresh_total_sectors).
+ * As in QEMU, lengths are counted in whole sectors: a 1000-byte file is a
+ * 1024-byte node whose last 24 bytes read as zeroes.
+ */
+export async function refreshLength(node: BlockNode): Promise<number> {
+  checkOpen(node);
+  node.totalBytes = alignUp(await node.driver.getLength(node), SECTOR_BYTES);
+  return node.totalBytes;
+}

@@ -1,0 +1,321 @@
+/*
+ * BlockNode (QEMU's BlockDriverState) and BdrvChild, the edge between a
+ * parent (a node or a BlockBackend) and a child node.
+ *
+ * A node owns: its driver and the driver's state (`opaque`), its children
+ * (edges with a name such as `file` or `backing` and role bits), the edges
+ * of its parents, its cached length, its limits and supported request flags
+ * (computed once at open, refreshed when children change), its open flags
+ * (discard=unmap, detect-zeroes, cache modes), in-flight accounting for
+ * drain, the tracked requests used to serialise read-modify-write, and
+ * write/flush generations so a flush with nothing new to flush is free.
+ *
+ * Permissions: every edge says what its parent does with the child (`perm`)
+ * and what it lets others do (`shared`). Attaching an edge whose needs clash
+ * with another parent's sharing fails with EPERM, and a read-only node
+ * refuses WRITE/RESIZE edges. Requests are issued through edges; the gate
+ * refuses writes through an edge that lacks WRITE.
+ *
+ * Invariants: `totalBytes` is the node's length as last read from the driver
+ * or grown by a write through an edge with RESIZE; `inFlight` counts
+ * requests between gate entry and completion; `closed` nodes refuse requests
+ * with ENOMEDIUM.
+ */
+import { BlockError } from './errors.js';
+import { Perm, permNames } from './flags.js';
+import type { NormalisedDriver } from './driver.js';
+import type { TrackedRequest } from './tracked.js';
+
+/** Child role bits (BdrvChildRole). */
+export const ChildRole = {
+  DATA: 0x1,
+  METADATA: 0x2,
+  FILTERED: 0x4,
+  COW: 0x8,
+  PRIMARY: 0x10,
+} as const;
+export type ChildRoleFlags = number;
+
+/** I/O limits (BlockLimits); 0 means "no limit" for the max fields. */
+export interface BlockLimits {
+  /** Every request must be a multiple of this (bytes, power of two). */
+  requestAlignment: number;
+  /** Largest read/write the driver takes in one call (bytes, 0 = unlimited). */
+  maxTransfer: number;
+  /** Preferred transfer size (bytes, 0 = none). */
+  optTransfer: number;
+  pwriteZeroesAlignment: number;
+  maxPwriteZeroes: number;
+  pdiscardAlignment: number;
+  maxPdiscard: number;
+}
+
+export function defaultLimits(): BlockLimits {
+  return {
+    requestAlignment: 1,
+    maxTransfer: 0,
+    optTransfer: 0,
+    pwriteZeroesAlignment: 0,
+    maxPwriteZeroes: 0,
+    pdiscardAlignment: 0,
+    maxPdiscard: 0,
+  };
+}
+
+export type DetectZeroes = 'off' | 'on' | 'unmap';
+
+/** Open-time behaviour flags (BDRV_O_*). */
+export interface OpenFlags {
+  /** discard=unmap: discard requests and MAY_UNMAP reach the driver. */
+  unmap: boolean;
+  detectZeroes: DetectZeroes;
+  /** cache.direct: bypass the host page cache. */
+  direct: boolean;
+  /** cache.no-flush: flushes stop at the OS (cache=unsafe). */
+  noFlush: boolean;
+}
+
+/** Something that can hold an edge to a node: a node or a BlockBackend. */
+export interface EdgeParent {
+  /** For messages: "node 'x'" or "block device 'y'". */
+  describe(): string;
+  /** Requests this parent has started and not finished. */
+  readonly inFlight: number;
+  /** Resolves when `inFlight` is 0. */
+  waitIdle(): Promise<void>;
+  /** Drain of a child began/ended: stop/resume issuing new requests. */
+  drainedBegin(): void;
+  drainedEnd(): void;
+}
+
+/** A parent for short-lived internal edges (format probing, one-off reads). */
+export class TransientParent implements EdgeParent {
+  inFlight = 0;
+  constructor(private readonly what: string) {}
+  describe(): string {
+    return this.what;
+  }
+  async waitIdle(): Promise<void> {}
+  drainedBegin(): void {}
+  drainedEnd(): void {}
+}
+
+export class BdrvChild {
+  constructor(
+    readonly name: string,
+    readonly role: ChildRoleFlags,
+    readonly parent: EdgeParent,
+    public node: BlockNode,
+    public perm: number,
+    public shared: number,
+  ) {}
+
+  describe(): string {
+    return `${this.parent.describe()} as '${this.name}'`;
+  }
+}
+
+export class BlockNode implements EdgeParent {
+  readonly driver: NormalisedDriver;
+  nodeName: string;
+  readonly autoNamed: boolean;
+  /** Driver state; each driver casts it to its own type. */
+  opaque: unknown = undefined;
+  readonly children: BdrvChild[] = [];
+  readonly parents: BdrvChild[] = [];
+  totalBytes = 0;
+  readOnly: boolean;
+  openFlags: OpenFlags;
+  limits: BlockLimits = defaultLimits();
+  /** Flags coPwritev honours natively (FUA); others are emulated or dropped. */
+  supportedWriteFlags = 0;
+  /** Flags coPwriteZeroes honours natively (FUA, MAY_UNMAP, NO_FALLBACK). */
+  supportedZeroFlags = 0;
+  /** Name shown by qemu-img (`filename`): the file name or a json: description. */
+  filename = '';
+  /** The blockdev options this node was opened with (validated). */
+  options: Record<string, unknown> = {};
+  closed = false;
+  /** Added by the user by name (blockdev-add): stays open with no parents. */
+  userOwned = false;
+  /** force-share: other users may write and resize what this node reads. */
+  forceShare = false;
+  /** The format was probed rather than given. */
+  probed = false;
+
+  inFlight = 0;
+  quiesceCounter = 0;
+  readonly tracked = new Set<TrackedRequest>();
+  /** How many tracked requests are serialising (0 lets requests skip the overlap scan). */
+  serialisingInFlight = 0;
+  /** Increments on every completed write; compared with flushedGen. */
+  writeGen = 0;
+  flushedGen = 0;
+  /** The flush in progress, which later flushes of the same generation join. */
+  activeFlush: Promise<void> | null = null;
+  private idleWaiters: Array<() => void> = [];
+
+  constructor(driver: NormalisedDriver, nodeName: string, autoNamed: boolean, readOnly: boolean, openFlags: OpenFlags) {
+    this.driver = driver;
+    this.nodeName = nodeName;
+    this.autoNamed = autoNamed;
+    this.readOnly = readOnly;
+    this.openFlags = openFlags;
+  }
+
+  describe(): string {
+    return `node '${this.nodeName}'`;
+  }
+
+  child(name: string): BdrvChild | null {
+    return this.children.find((c) => c.name === name) ?? null;
+  }
+
+  get file(): BdrvChild | null {
+    return this.child('file');
+  }
+
+  get backing(): BdrvChild | null {
+    return this.child('backing');
+  }
+
+  /** The child a filter passes requests to (QEMU's bdrv_filter_child). */
+  get filteredChild(): BdrvChild | null {
+    return this.children.find((c) => c.role & ChildRole.FILTERED) ?? null;
+  }
+
+  /** The backing (COW) child, if the node has one. */
+  get cowChild(): BdrvChild | null {
+    return this.children.find((c) => c.role & ChildRole.COW) ?? null;
+  }
+
+  /** The primary child (storage of a format, or the filtered child). */
+  get primaryChild(): BdrvChild | null {
+    return this.children.find((c) => c.role & ChildRole.PRIMARY) ?? null;
+  }
+
+  /** Skips filters downwards: the first non-filter node (bdrv_skip_filters). */
+  skipFilters(): BlockNode {
+    let n: BlockNode = this;
+    while (n.driver.isFilter && n.filteredChild) n = n.filteredChild.node;
+    return n;
+  }
+
+  /** Parent nodes (not backends) of this node. */
+  parentNodes(): BlockNode[] {
+    const out: BlockNode[] = [];
+    for (const edge of this.parents) {
+      const p = edge.parent;
+      if (p instanceof BlockNode && !out.includes(p)) out.push(p);
+    }
+    return out;
+  }
+
+  incInFlight(): void {
+    this.inFlight++;
+  }
+
+  decInFlight(): void {
+    this.inFlight--;
+    if (this.inFlight === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  /** A node parent quiesces by passing the drain on to its own parents. */
+  drainedBegin(): void {
+    this.quiesceCounter++;
+    for (const edge of this.parents) edge.parent.drainedBegin();
+  }
+
+  drainedEnd(): void {
+    this.quiesceCounter--;
+    for (const edge of this.parents) edge.parent.drainedEnd();
+  }
+
+  /** Resolves when no request is in flight on this node. */
+  waitIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** Permissions all parents but `except` require, and share, combined. */
+  parentPerms(except?: BdrvChild): { perm: number; shared: number } {
+    let perm = 0;
+    let shared = Perm.ALL;
+    for (const edge of this.parents) {
+      if (edge === except) continue;
+      perm |= edge.perm;
+      shared &= edge.shared;
+    }
+    return { perm, shared };
+  }
+}
+
+/**
+ * Checks that an edge needing `perm` and sharing `shared` can sit beside the
+ * node's other parents (`except` is the edge being updated, if any).
+ * Returns a reason for refusal, or null.
+ */
+export function permissionConflict(
+  node: BlockNode,
+  perm: number,
+  shared: number,
+  except?: BdrvChild,
+): string | null {
+  if (node.readOnly && perm & (Perm.WRITE | Perm.RESIZE)) {
+    return `Block node '${node.nodeName}' is read-only`;
+  }
+  for (const other of node.parents) {
+    if (other === except) continue;
+    const wanted = perm & ~other.shared;
+    if (wanted) {
+      return `Conflicts with use by ${other.describe()}, which does not allow '${permNames(wanted)}' on ${node.nodeName}`;
+    }
+    const held = other.perm & ~shared;
+    if (held) {
+      return `Conflicts with use by ${other.describe()}, which uses '${permNames(held)}' on ${node.nodeName}`;
+    }
+  }
+  return null;
+}
+
+/** Attaches a new edge parent -> node, checking permissions. */
+export function attachChild(
+  parent: EdgeParent,
+  name: string,
+  role: ChildRoleFlags,
+  node: BlockNode,
+  perm: number,
+  shared: number,
+): BdrvChild {
+  const reason = permissionConflict(node, perm, shared);
+  if (reason) throw new BlockError('EPERM', reason);
+  const edge = new BdrvChild(name, role, parent, node, perm, shared);
+  node.parents.push(edge);
+  if (parent instanceof BlockNode) parent.children.push(edge);
+  return edge;
+}
+
+/** Removes an edge from both ends. */
+export function detachChild(edge: BdrvChild): void {
+  const i = edge.node.parents.indexOf(edge);
+  if (i >= 0) edge.node.parents.splice(i, 1);
+  const p = edge.parent;
+  if (p instanceof BlockNode) {
+    const j = p.children.indexOf(edge);
+    if (j >= 0) p.children.splice(j, 1);
+  }
+}
+
+/** Re-points an edge at another node (mirror pivot, backing changes). */
+export function replaceChildNode(edge: BdrvChild, node: BlockNode): void {
+  const reason = permissionConflict(node, edge.perm, edge.shared);
+  if (reason) throw new BlockError('EPERM', reason);
+  const i = edge.node.parents.indexOf(edge);
+  if (i >= 0) edge.node.parents.splice(i, 1);
+  edge.node = node;
+  node.parents.push(edge);
+}

@@ -1,0 +1,210 @@
+/*
+ * Host-file operations Node's fs lacks, behind one interface.
+ *
+ * The file driver asks three questions fs cannot answer: where is data and
+ * where are holes (SEEK_DATA/SEEK_HOLE, for block-status), can a range be
+ * deallocated or zeroed without writing a buffer (fallocate PUNCH_HOLE /
+ * ZERO_RANGE, for discard and write-zeroes), and how big is a block device
+ * (fstat says 0). The optional N-API addon native/hostio.c answers them; it is
+ * built at install time by scripts/build-native.mjs and may be missing.
+ *
+ * Two implementations of `HostIo`, chosen once per process by loadHostIo():
+ *   - the addon, wrapped so every operating error is a BlockError with the
+ *     errno name as code ('ENOTSUP' meaning "this file cannot, fall back");
+ *   - fallbackHostIo, pure Node: every byte below EOF is data, the only hole
+ *     is the virtual one at EOF, and the fallocate family rejects with
+ *     ENOTSUP so the generic layer writes zero buffers or ignores discard.
+ * Both check arguments identically: fd and byte counts must be non-negative
+ * integers (byte counts ≤ 2^53); anything else is a programmer error and
+ * throws (sync calls) or rejects (promise calls) with a TypeError.
+ *
+ * The choice is memoised in this module: the addon is a process-wide
+ * dlopen()ed library, so there is nothing per-node to keep. The environment
+ * variable QEMU_BLOCK_TS_NO_NATIVE=1, read on the first call, forces the
+ * fallback (tests of the fallback path, or a misbehaving host).
+ *
+ * sizeBytes() of the addon moves the fd's file position (lseek SEEK_END);
+ * the block layer uses positioned I/O only, so nothing restores it.
+ */
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { BlockError, toBlockError } from '../../block/errors.js';
+
+/** Operations on an open host file descriptor. Offsets and lengths in bytes. */
+export interface HostIo {
+  /** true when the native addon is in use. */
+  readonly native: boolean;
+  /** First data byte at or after offsetBytes; null if none before EOF. */
+  seekData(fd: number, offsetBytes: number): number | null;
+  /** First hole byte at or after offsetBytes (EOF counts); null if offsetBytes ≥ EOF. */
+  seekHole(fd: number, offsetBytes: number): number | null;
+  /** Deallocates the range; it reads back as zeros; the file size is kept. */
+  punchHole(fd: number, offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Zeroes the range, keeping it allocated; extends the file when past EOF. */
+  zeroRange(fd: number, offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Allocates the range (fallocate mode 0); extends the file when past EOF. */
+  allocate(fd: number, offsetBytes: number, lengthBytes: number): Promise<void>;
+  /** Size in bytes, including block devices for the addon. */
+  sizeBytes(fd: number): number;
+}
+
+/** Largest offset or length a JS number holds exactly; the addon's limit too. */
+const OFFSET_MAX_BYTES = 2 ** 53;
+/** Largest fd the addon accepts (C int). */
+const FD_MAX = 2 ** 31 - 1;
+const PACKAGE_NAME = 'qemu-block-ts';
+const ADDON_PATH_IN_PACKAGE = path.join('build', 'Release', 'hostio.node');
+/** Directories walked up from this file; dist/drivers/file needs 3. */
+const PACKAGE_ROOT_SEARCH_DEPTH_MAX = 8;
+const NO_NATIVE_ENV = 'QEMU_BLOCK_TS_NO_NATIVE';
+
+/** The raw addon: same functions, errors are plain Errors with an errno `.code`. */
+type HostIoAddon = Omit<HostIo, 'native'>;
+const ADDON_FUNCTIONS = ['seekData', 'seekHole', 'punchHole', 'zeroRange', 'allocate', 'sizeBytes'] as const;
+
+// ---- argument checks (programmer errors) ---------------------------------
+
+function checkInteger(value: number, max: number, what: string): void {
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > max) {
+    throw new TypeError(`host-io: ${what} must be an integer in [0, ${max}], got ${String(value)}`);
+  }
+}
+
+function checkArgs(fd: number, offsetBytes?: number, lengthBytes?: number): void {
+  checkInteger(fd, FD_MAX, 'fd');
+  if (offsetBytes !== undefined) checkInteger(offsetBytes, OFFSET_MAX_BYTES, 'offsetBytes');
+  if (lengthBytes !== undefined) checkInteger(lengthBytes, OFFSET_MAX_BYTES, 'lengthBytes');
+}
+
+/** Argument TypeErrors pass through; everything else becomes a BlockError. */
+function asBlockError(e: unknown): unknown {
+  return e instanceof TypeError ? e : toBlockError(e);
+}
+
+// ---- the addon, wrapped ---------------------------------------------------
+
+function callSync<T>(op: () => T): T {
+  try {
+    return op();
+  } catch (e) {
+    throw asBlockError(e);
+  }
+}
+
+async function callAsync(op: () => Promise<void>): Promise<void> {
+  try {
+    await op();
+  } catch (e) {
+    throw asBlockError(e);
+  }
+}
+
+function wrapAddon(addon: HostIoAddon): HostIo {
+  const range = (call: (fd: number, offsetBytes: number, lengthBytes: number) => Promise<void>) =>
+    (fd: number, offsetBytes: number, lengthBytes: number) =>
+      callAsync(() => {
+        checkArgs(fd, offsetBytes, lengthBytes);
+        return call(fd, offsetBytes, lengthBytes);
+      });
+  return Object.freeze({
+    native: true,
+    seekData(fd: number, offsetBytes: number) {
+      checkArgs(fd, offsetBytes);
+      return callSync(() => addon.seekData(fd, offsetBytes));
+    },
+    seekHole(fd: number, offsetBytes: number) {
+      checkArgs(fd, offsetBytes);
+      return callSync(() => addon.seekHole(fd, offsetBytes));
+    },
+    punchHole: range((fd, o, l) => addon.punchHole(fd, o, l)),
+    zeroRange: range((fd, o, l) => addon.zeroRange(fd, o, l)),
+    allocate: range((fd, o, l) => addon.allocate(fd, o, l)),
+    sizeBytes(fd: number) {
+      checkArgs(fd);
+      return callSync(() => addon.sizeBytes(fd));
+    },
+  });
+}
+
+// ---- the pure-Node fallback ----------------------------------------------
+
+function fstatSizeBytes(fd: number): number {
+  checkArgs(fd);
+  return callSync(() => fs.fstatSync(fd).size);
+}
+
+async function fallocateUnsupported(fd: number, offsetBytes: number, lengthBytes: number): Promise<void> {
+  checkArgs(fd, offsetBytes, lengthBytes);
+  throw new BlockError('ENOTSUP');
+}
+
+/** Pure Node: all data below EOF, no fallocate (ENOTSUP), size from fstat. */
+export const fallbackHostIo: HostIo = Object.freeze({
+  native: false,
+  seekData(fd: number, offsetBytes: number): number | null {
+    checkArgs(fd, offsetBytes);
+    return offsetBytes < fstatSizeBytes(fd) ? offsetBytes : null;
+  },
+  seekHole(fd: number, offsetBytes: number): number | null {
+    checkArgs(fd, offsetBytes);
+    const sizeBytes = fstatSizeBytes(fd);
+    return offsetBytes < sizeBytes ? sizeBytes : null;
+  },
+  punchHole: fallocateUnsupported,
+  zeroRange: fallocateUnsupported,
+  allocate: fallocateUnsupported,
+  sizeBytes: fstatSizeBytes,
+});
+
+// ---- loading --------------------------------------------------------------
+
+/** Nearest ancestor of `startDir` whose package.json names this package. */
+function findPackageRoot(startDir: string): string | null {
+  let dir = startDir;
+  for (let depth = 0; depth < PACKAGE_ROOT_SEARCH_DEPTH_MAX; depth++) {
+    try {
+      const manifest = JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8')) as { name?: unknown };
+      if (manifest.name === PACKAGE_NAME) return dir;
+    } catch {
+      // no (readable) package.json here; keep walking up
+    }
+    const parent = path.dirname(dir);
+    if (parent === dir) return null;
+    dir = parent;
+  }
+  return null;
+}
+
+function isAddon(value: unknown): value is HostIoAddon {
+  const record = value as Record<string, unknown> | null;
+  return typeof record === 'object' && record !== null && ADDON_FUNCTIONS.every((f) => typeof record[f] === 'function');
+}
+
+/** The addon, or null when it was not built (the install script warned) or fails to load. */
+function tryLoadAddon(): HostIoAddon | null {
+  const root = findPackageRoot(path.dirname(fileURLToPath(import.meta.url)));
+  if (root === null) return null;
+  const addonPath = path.join(root, ADDON_PATH_IN_PACKAGE);
+  if (!fs.existsSync(addonPath)) return null;
+  try {
+    const addon: unknown = createRequire(import.meta.url)(addonPath);
+    if (isAddon(addon)) return addon;
+    process.emitWarning(`${addonPath} lacks the expected functions; using plain I/O`, 'HostIoWarning');
+  } catch (e) {
+    process.emitWarning(`${addonPath} failed to load (${(e as Error).message}); using plain I/O`, 'HostIoWarning');
+  }
+  return null;
+}
+
+let loadedHostIo: HostIo | undefined;
+
+/** The process's HostIo: the addon when built and loadable, else fallbackHostIo. */
+export function loadHostIo(): HostIo {
+  if (loadedHostIo === undefined) {
+    const addon = process.env[NO_NATIVE_ENV] === '1' ? null : tryLoadAddon();
+    loadedHostIo = addon === null ? fallbackHostIo : wrapAddon(addon);
+  }
+  return loadedHostIo;
+}

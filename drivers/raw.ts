@@ -1,0 +1,113 @@
+/*
+ * The `raw` format: the image is its file, optionally a window of it
+ * (`offset`, `size`), as QEMU's raw-format.
+ *
+ * Everything passes through to the `file` child, shifted by the window's
+ * offset; block status answers RAW so the gate asks the child. FUA, MAY_UNMAP
+ * and NO_FALLBACK are passed down when the child honours them.
+ *
+ * A probed raw image (no format given) may not have its first sector
+ * rewritten into something that probes as another format: such a write
+ * fails with EPERM, so a guest cannot turn its disk into, say, a qcow2 that
+ * points at host files. Writes reaching the first sector are then widened
+ * to whole sectors (request alignment 512) so the check sees a full sector.
+ */
+import { z } from 'zod';
+import { BlockError } from '../block/errors.js';
+import { Req, Status, isAligned, type Prealloc } from '../block/flags.js';
+import { pdiscard, preadv, pwriteZeroes, pwritev, truncate, SECTOR_BYTES } from '../block/io.js';
+import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
+import { zBlockdevRef, zSize } from '../block/options.js';
+import type { BlockDriver, CreateOptDesc } from '../block/driver.js';
+import type { BlockGraph } from '../block/graph.js';
+
+/** Bytes at the start of a probed raw image guarded against format changes. */
+export const PROBE_GUARD_BYTES = 512;
+
+interface RawState {
+  file: BdrvChild;
+  offsetBytes: number;
+  /** Fixed window size, or null: the file's length minus the offset. */
+  sizeBytes: number | null;
+  graph: BlockGraph;
+}
+
+const state = (node: BlockNode) => node.opaque as RawState;
+
+const optionsSchema = z.object({
+  file: zBlockdevRef,
+  offset: zSize('offset').optional(),
+  size: zSize('size').optional(),
+});
+
+export const RAW_CREATE_OPTS: readonly CreateOptDesc[] = [{ name: 'size', type: 'size', help: 'Virtual disk size' }];
+
+async function open(node: BlockNode, options: Record<string, unknown>, ctx: Parameters<BlockDriver['open']>[2]) {
+  const opts = options as z.output<typeof optionsSchema>;
+  const windowed = opts.offset !== undefined || opts.size !== undefined;
+  const role = (windowed ? ChildRole.DATA : ChildRole.FILTERED) | ChildRole.PRIMARY;
+  const file = (await ctx.openChild('file', role))!;
+  const offsetBytes = opts.offset ?? 0;
+  const sizeBytes = opts.size ?? null;
+  const fileBytes = file.node.totalBytes;
+  if (sizeBytes !== null && !isAligned(sizeBytes, SECTOR_BYTES)) {
+    throw new BlockError('EINVAL', `Specified size is not multiple of ${SECTOR_BYTES}`);
+  }
+  if (offsetBytes > fileBytes) {
+    throw new BlockError('EINVAL', `Offset (${offsetBytes}) cannot be greater than size of the containing file (${fileBytes})`);
+  }
+  if (sizeBytes !== null && offsetBytes + sizeBytes > fileBytes) {
+    throw new BlockError(
+      'EINVAL',
+      `The sum of offset (${offsetBytes}) and size (${sizeBytes}) has to be smaller or equal to the actual size of the containing file (${fileBytes})`,
+    );
+  }
+  node.opaque = { file, offsetBytes, sizeBytes, graph: ctx.graph } satisfies RawState;
+  node.supportedWriteFlags = Req.FUA & file.node.supportedWriteFlags;
+  node.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & file.node.supportedZeroFlags;
+  if (node.probed) node.limits.requestAlignment = PROBE_GUARD_BYTES;
+}
+
+async function getLength(node: BlockNode): Promise<number> {
+  const s = state(node);
+  return s.sizeBytes ?? Math.max(0, s.file.node.totalBytes - s.offsetBytes);
+}
+
+/** EPERM when a probed image's first sector would stop probing as raw. */
+function guardProbedWrite(node: BlockNode, offsetBytes: number, buf: Uint8Array): void {
+  if (!node.probed || offsetBytes >= PROBE_GUARD_BYTES) return;
+  const s = state(node);
+  if (s.graph.bestProbe(buf.subarray(0, PROBE_GUARD_BYTES), node.filename) !== 'raw') {
+    throw new BlockError('EPERM');
+  }
+}
+
+export const rawDriver: BlockDriver = {
+  name: 'raw',
+  isFormat: true,
+  optionsSchema,
+  createOpts: RAW_CREATE_OPTS,
+  open,
+  getLength,
+  coPreadv: (node, offsetBytes, buf, flags) => preadv(state(node).file, offsetBytes + state(node).offsetBytes, buf, flags),
+  coPwritev: async (node, offsetBytes, buf, flags) => {
+    guardProbedWrite(node, offsetBytes, buf);
+    await pwritev(state(node).file, offsetBytes + state(node).offsetBytes, buf, flags);
+  },
+  coPwriteZeroes: (node, offsetBytes, bytes, flags) =>
+    pwriteZeroes(state(node).file, offsetBytes + state(node).offsetBytes, bytes, flags),
+  coPdiscard: (node, offsetBytes, bytes) => pdiscard(state(node).file, offsetBytes + state(node).offsetBytes, bytes),
+  coBlockStatus: async (node, _wantZero, offsetBytes, bytes) => ({
+    status: Status.RAW | Status.OFFSET_VALID,
+    pnum: bytes,
+    map: offsetBytes + state(node).offsetBytes,
+    file: state(node).file.node,
+  }),
+  coTruncate: async (node, offsetBytes: number, exact: boolean, prealloc: Prealloc, flags: number) => {
+    const s = state(node);
+    if (s.sizeBytes !== null) throw new BlockError('ENOTSUP', 'Cannot resize fixed-size raw disks');
+    await truncate(s.file, offsetBytes + s.offsetBytes, exact, prealloc, flags);
+  },
+  coCreate: (ctx, request) => ctx.graph.createFile(request.filename, request.opts),
+  probe: () => 1,
+};

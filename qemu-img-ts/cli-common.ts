@@ -1,0 +1,68 @@
+/*
+ * What every command-line tool here shares: how errors reach the user.
+ *
+ * QEMU's tools print `prog: message` on stderr and exit 1 (usage errors add
+ * "Try 'prog --help' for more information"). A user error is never a stack
+ * trace: `runMain` turns CliError and BlockError into that one line with the
+ * right exit status; anything else is a bug and is reported as one line too,
+ * with the stack only when QEMU_BLOCK_TS_DEBUG=1.
+ */
+import { BlockError } from '../block/errors.js';
+
+/** A user-facing failure with QEMU's exit status. */
+export class CliError extends Error {
+  constructor(
+    message: string,
+    readonly exitCode = 1,
+    /** Append "Try 'prog --help' for more information". */
+    readonly usage = false,
+  ) {
+    super(message);
+  }
+}
+
+/** Thrown to end the program quietly with a status (e.g. after printing help). */
+export class CliExit extends Error {
+  constructor(readonly exitCode: number) {
+    super(`exit ${exitCode}`);
+  }
+}
+
+export function usageError(message: string): CliError {
+  return new CliError(message, 1, true);
+}
+
+/** Writes `prog: message` to stderr (QEMU's error_report). */
+export function reportError(prog: string, message: string): void {
+  process.stderr.write(`${prog}: ${message}\n`);
+}
+
+/** Runs a tool's main, mapping failures to QEMU's messages and exit codes. */
+export function runMain(prog: string, main: (argv: string[]) => Promise<number>): void {
+  main(process.argv.slice(2)).then(
+    (code) => {
+      process.exitCode = code;
+    },
+    (e: unknown) => {
+      process.exitCode = reportFailure(prog, e);
+    },
+  );
+}
+
+/** Prints a failure and returns the exit status for it. */
+export function reportFailure(prog: string, e: unknown): number {
+  if (e instanceof CliExit) return e.exitCode;
+  if (e instanceof CliError) {
+    reportError(prog, e.message);
+    if (e.usage) process.stderr.write(`Try '${prog} --help' for more information\n`);
+    return e.exitCode;
+  }
+  if (e instanceof BlockError) {
+    reportError(prog, e.message);
+    return 1;
+  }
+  const err = e as Error;
+  reportError(prog, `internal error: ${err?.message ?? String(e)}`);
+  if (process.env.QEMU_BLOCK_TS_DEBUG === '1' && err?.stack) process.stderr.write(`${err.stack}\n`);
+  return 1;
+}

@@ -1,0 +1,59 @@
+/*
+ * Running our CLIs (the compiled bins in dist/) and the peer tools.
+ */
+import { spawn } from 'node:child_process';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+
+const BINS: Record<string, string> = {
+  'qemu-img-ts': 'dist/qemu-img-ts/qemu-img.js',
+  'qemu-io-ts': 'dist/qemu-img-ts/qemu-io.js',
+};
+
+export interface RunResult {
+  stdout: string;
+  stderr: string;
+  code: number;
+}
+
+export interface RunOptions {
+  cwd?: string;
+  input?: string | Buffer;
+  env?: NodeJS.ProcessEnv;
+  /** Kill after this many ms (default 60 s). */
+  timeoutMs?: number;
+}
+
+/** Runs a command to completion and captures its output. */
+export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  return new Promise((resolve, reject) => {
+    const child = spawn(cmd, args, { cwd: opts.cwd, env: { ...process.env, ...opts.env }, stdio: 'pipe' });
+    const out: Buffer[] = [];
+    const err: Buffer[] = [];
+    const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 60_000);
+    child.stdout.on('data', (d: Buffer) => out.push(d));
+    child.stderr.on('data', (d: Buffer) => err.push(d));
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    child.on('close', (code, signal) => {
+      clearTimeout(timer);
+      resolve({
+        stdout: Buffer.concat(out).toString(),
+        stderr: Buffer.concat(err).toString(),
+        code: code ?? (signal ? 128 : 1),
+      });
+    });
+    child.stdin.end(opts.input ?? '');
+  });
+}
+
+/** Runs one of our tools (`qemu-img-ts`, `qemu-io-ts`, …) from dist/. */
+export function runOurs(tool: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
+  const bin = BINS[tool];
+  if (!bin) throw new Error(`unknown tool ${tool}`);
+  return run(process.execPath, [path.join(ROOT, bin), ...args], opts);
+}
