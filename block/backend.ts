@@ -54,7 +54,6 @@ export class BlockBackend implements EdgeParent {
     const perm =
       Perm.CONSISTENT_READ | (opts.writable ? Perm.WRITE : 0) | (opts.resizable || opts.allowWriteBeyondEof ? Perm.RESIZE : 0);
     this.rootEdge = attachChild(this, 'root', 0, node, perm, opts.shared ?? Perm.ALL);
-    this.quiesceCounter = node.quiesceCounter;
   }
 
   describe(): string {

@@ -14,6 +14,7 @@
  *   coBlockStatus    -> everything is DATA (protocols: at the same offset);
  *                       filters defer to their filtered child
  *   coTruncate       -> ENOTSUP
+ *   getInfo          -> a filter's child's answer, else null (unknown)
  *
  * Contract: the gate calls drivers only with checked, aligned requests:
  * offsets and lengths are non-negative integers, multiples of the node's
@@ -97,6 +98,8 @@ export interface BlockDriver {
   readonly optionsSchema: z.ZodObject<z.ZodRawShape>;
   /** `qemu-img create -o` options, in the order qemu-img prints them. */
   readonly createOpts?: readonly CreateOptDesc[];
+  /** Option keys that change what the guest sees (they must appear in a json: filename). */
+  readonly strongOptions?: readonly string[];
 
   open(node: BlockNode, options: Record<string, unknown>, ctx: OpenContext): Promise<void>;
   close?(node: BlockNode): Promise<void>;
@@ -112,7 +115,8 @@ export interface BlockDriver {
   coCreate?(ctx: CreateContext, request: CreateRequest): Promise<void>;
   /** Score 0–100 of how sure the driver is that `header` is its format. */
   probe?(header: Uint8Array, filename: string): number;
-  getInfo?(node: BlockNode): DriverInfo;
+  /** bdrv_get_info; null when the driver cannot tell (QEMU's -ENOTSUP). */
+  getInfo?(node: BlockNode): DriverInfo | null;
   getSpecificInfo?(node: BlockNode): SpecificInfo | undefined;
   /** Bytes the image occupies on the host (`actual-size`); undefined if unknown. */
   getAllocatedFileSize?(node: BlockNode): Promise<number | undefined>;
@@ -120,9 +124,9 @@ export interface BlockDriver {
 
 /** A driver with every method present (see the note at the top). */
 export type NormalisedDriver = Required<
-  Omit<BlockDriver, 'protocolName' | 'createOpts' | 'probe' | 'coCreate' | 'getAllocatedFileSize'>
+  Omit<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize'>
 > &
-  Pick<BlockDriver, 'protocolName' | 'createOpts' | 'probe' | 'coCreate' | 'getAllocatedFileSize'> & {
+  Pick<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize'> & {
     readonly has: {
       readonly pwritev: boolean;
       readonly pwriteZeroes: boolean;
@@ -151,7 +155,7 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     coFlushToDisk: d.coFlushToDisk ?? nothing,
     coBlockStatus: d.coBlockStatus ?? defaultBlockStatus(d),
     coTruncate: d.coTruncate ?? notSupported(`Image format driver '${d.name}' does not support resize`),
-    getInfo: d.getInfo ?? (() => ({})),
+    getInfo: d.getInfo ?? defaultGetInfo(d),
     getSpecificInfo: d.getSpecificInfo ?? (() => undefined),
     has: {
       pwritev: d.coPwritev !== undefined,
@@ -160,6 +164,14 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
       blockStatus: d.coBlockStatus !== undefined,
       truncate: d.coTruncate !== undefined,
     },
+  };
+}
+
+/** Drivers without get_info: a filter answers for its child, anything else cannot tell. */
+function defaultGetInfo(d: BlockDriver): NonNullable<BlockDriver['getInfo']> {
+  return (node) => {
+    const filtered = d.isFilter ? node.filteredChild : null;
+    return filtered ? filtered.node.driver.getInfo(filtered.node) : null;
   };
 }
 

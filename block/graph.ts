@@ -27,6 +27,7 @@ import { JSON_FILENAME_PREFIX, parseJsonFilename, type OptionTree } from './keyv
 import { attachChild, BlockNode, ChildRole, detachChild, TransientParent, type ChildRoleFlags, type OpenFlags } from './node.js';
 import { parseBaseOptions, parseWith, type BaseOptions, type BlockdevRef } from './options.js';
 import { drain } from './drain.js';
+import { describeFilename } from './filename.js';
 
 /** Bytes read from an image to probe its format (BLOCK_PROBE_BUF_SIZE). */
 export const PROBE_BUF_BYTES = 512;
@@ -54,15 +55,19 @@ export interface OpenImageOptions {
   forceShare?: boolean;
 }
 
-const PROTOCOL_PREFIX = /^([a-zA-Z0-9+.-]+):/;
+const PROTOCOL_PREFIX = /^([^:/\\]+):/;
 
 export class BlockGraph {
   private readonly drivers = new Map<string, NormalisedDriver>();
   /** Every open node, by node name. */
   readonly nodes = new Map<string, BlockNode>();
   private autoNames = 0;
-  /** Receives warnings the block layer prints (qemu-img prints them on stderr). */
-  onWarning: (message: string) => void = () => {};
+  /**
+   * Receives warnings the block layer prints. Tools print them on stderr as
+   * `prog: warning: message`, or as they are when `verbatim` (QEMU prints
+   * a few, like raw's probing warning, with fprintf rather than warn_report).
+   */
+  onWarning: (message: string, opts?: { verbatim?: boolean }) => void = () => {};
 
   constructor(drivers: readonly BlockDriver[]) {
     for (const d of drivers) this.drivers.set(d.name, normaliseDriver(d));
@@ -82,18 +87,20 @@ export class BlockGraph {
     return d;
   }
 
-  /** Protocol driver for a filename: `proto:` prefix if a driver has that protocol name, else `file`. */
+  /**
+   * Protocol driver for a filename (bdrv_find_protocol): a `proto:` prefix
+   * (a colon before any slash) names it, else `file`.
+   */
   protocolFor(filename: string): NormalisedDriver {
     const m = PROTOCOL_PREFIX.exec(filename);
-    if (m) {
-      for (const d of this.drivers.values()) if (d.protocolName === m[1]) return d;
-    }
-    return this.driver('file');
+    if (!m) return this.driver('file');
+    for (const d of this.drivers.values()) if (d.protocolName === m[1]) return d;
+    throw new BlockError('EINVAL', `Unknown protocol '${m[1]}'`);
   }
 
   node(name: string): BlockNode {
     const n = this.nodes.get(name);
-    if (!n) throw new BlockError('ENOENT', `Cannot find device=${name} nor node-name=${name}`);
+    if (!n) throw new BlockError('ENOENT', `Cannot find device='${name}' nor node-name='${name}'`);
     return n;
   }
 
@@ -102,21 +109,21 @@ export class BlockGraph {
   /** Opens a node from blockdev-add style options (or returns a named one). */
   async openNode(spec: BlockdevRef, inherit: Inherited = {}): Promise<BlockNode> {
     if (typeof spec === 'string') return this.node(spec);
-    const { base, rest } = parseBaseOptions(spec as Record<string, unknown>);
-    const driver = this.driver(base.driver);
-    const kind = driver.protocolName !== undefined ? 'protocol' : 'format';
-    const driverOptions = parseWith(driver.optionsSchema.strict(), rest, (key) =>
-      kind === 'protocol'
+    const options = spec as Record<string, unknown>;
+    const driver = this.driver(typeof options.driver === 'string' ? options.driver : parseBaseOptions(options).base.driver);
+    const unknownKey = (key: string) =>
+      driver.protocolName !== undefined
         ? `Block protocol '${driver.name}' doesn't support the option '${key}'`
-        : `Block format '${driver.name}' does not support the option '${key}'`,
-    ) as Record<string, unknown>;
+        : `Block format '${driver.name}' does not support the option '${key}'`;
+    const { base, rest } = parseBaseOptions(options, unknownKey);
+    const driverOptions = parseWith(driver.optionsSchema.strict(), rest, unknownKey) as Record<string, unknown>;
     const node = this.newNode(driver, base, inherit);
     node.options = spec as Record<string, unknown>;
     try {
       await driver.open(node, driverOptions, this.openContext(node, driverOptions, base, inherit));
       this.checkLimits(node);
       await refreshLength(node);
-      if (!node.filename) node.filename = this.describeFilename(node);
+      node.filename = describeFilename(node);
     } catch (e) {
       await this.abandon(node);
       throw e;
@@ -142,6 +149,9 @@ export class BlockGraph {
       noFlush: base.cache?.['no-flush'] ?? inherit.noFlush ?? false,
     };
     const readOnly = base['read-only'] ?? inherit.readOnly ?? false;
+    if (base['force-share'] && !readOnly) {
+      throw new BlockError('EINVAL', 'force-share=on can only be used with read-only images');
+    }
     const nodeName = name ?? `#block${String(++this.autoNames).padStart(3, '0')}`;
     const node = new BlockNode(driver, nodeName, name === undefined, readOnly, flags);
     node.forceShare = base['force-share'] ?? inherit.forceShare ?? false;
@@ -157,7 +167,7 @@ export class BlockGraph {
         const spec = driverOptions[name] as BlockdevRef | undefined | null;
         if (spec === undefined || spec === null) {
           if (opts.optional) return null;
-          throw new BlockError('EINVAL', `Parameter '${name}' is required`);
+          throw new BlockError('EINVAL', `A block device must be specified for "${name}"`);
         }
         const childInherit: Inherited = {
           readOnly: role & ChildRole.COW ? true : node.readOnly,
@@ -193,14 +203,6 @@ export class BlockGraph {
     }
   }
 
-  /** QEMU's refreshed filename: a format or filter with nothing of its own shows its child's. */
-  private describeFilename(node: BlockNode): string {
-    const primary = node.primaryChild ?? node.file;
-    const own = Object.keys(node.options).filter((k) => !['driver', 'node-name', 'file', 'backing', 'image'].includes(k));
-    if (primary && own.length === 0) return primary.node.filename;
-    return `json:${JSON.stringify(node.options)}`;
-  }
-
   /** Undoes a failed open: children and registration. */
   private async abandon(node: BlockNode): Promise<void> {
     this.nodes.delete(node.nodeName);
@@ -218,8 +220,8 @@ export class BlockGraph {
     const inherit: Inherited = { readOnly: opts.readOnly ?? false, forceShare: opts.forceShare };
     if (filename.startsWith(JSON_FILENAME_PREFIX)) {
       const tree: OptionTree = { ...parseJsonFilename(filename), ...opts.options };
-      if (tree.driver === undefined && opts.format) tree.driver = opts.format;
-      return this.openNode(tree, inherit);
+      if (opts.format) tree.driver = opts.format;
+      return this.openOptions(tree, inherit);
     }
     const protocol = this.protocolFor(filename);
     const protocolSpec: OptionTree = { driver: protocol.name, filename, ...opts.protocolOptions };
@@ -228,17 +230,36 @@ export class BlockGraph {
       this.driver(opts.format);
       return this.openNode({ driver: opts.format, file: protocolSpec, ...opts.options }, inherit);
     }
-    return this.openProbed(filename, protocolSpec, opts, inherit);
+    return this.openOptions({ ...opts.options, file: protocolSpec }, inherit);
   }
 
-  private async openProbed(filename: string, protocolSpec: OptionTree, opts: OpenImageOptions, inherit: Inherited) {
-    const file = await this.openNode(protocolSpec, inherit);
+  /**
+   * Opens an option tree as QEMU's bdrv_open does (`--image-opts`, json:):
+   * children given by `filename` alone get the protocol their name implies,
+   * and a tree without `driver` is probed from its `file` child.
+   */
+  async openOptions(tree: OptionTree, inherit: Inherited = {}): Promise<BlockNode> {
+    this.fillChildDrivers(tree);
+    if (tree.driver !== undefined) return this.openNode(tree, inherit);
+    if (tree.file === undefined) throw new BlockError('EINVAL', 'Must specify either driver or file');
+    const file = await this.openNode(tree.file as BlockdevRef, inherit);
     try {
-      const format = await this.probeFormat(file, filename);
-      return await this.openNode({ driver: format, file: file.nodeName, ...opts.options }, { ...inherit, probed: true });
+      const format = await this.probeFormat(file, file.filename);
+      return await this.openNode({ ...tree, driver: format, file: file.nodeName }, { ...inherit, probed: true });
     } catch (e) {
       await this.unref(file);
       throw e;
+    }
+  }
+
+  /** bdrv_fill_options for children: `filename` without `driver` picks the protocol. */
+  private fillChildDrivers(tree: OptionTree): void {
+    for (const value of Object.values(tree)) {
+      if (typeof value !== 'object' || value === null || Array.isArray(value)) continue;
+      if (value.driver === undefined && typeof value.filename === 'string') {
+        value.driver = this.protocolFor(value.filename).name;
+      }
+      this.fillChildDrivers(value);
     }
   }
 

@@ -10,17 +10,22 @@
  *   2. counts the request in flight (for drain) and tracks its range;
  *   3. aligns it: an unaligned read reads the covering aligned range into a
  *      bounce buffer; an unaligned write or write-zeroes becomes
- *      read-modify-write of the head and tail blocks, serialised against
- *      overlapping requests;
- *   4. splits it by `maxTransfer` (write-zeroes by its own limits);
+ *      read-modify-write of the partial head and tail blocks (only those
+ *      are read), serialised against overlapping requests;
+ *   4. splits it by `maxTransfer` (write-zeroes and discard by their own
+ *      alignment and limits, with QEMU's head/bulk/tail fragmentation);
  *   5. supplies the fallbacks: write-zeroes -> zero-buffer writes when the
- *      driver lacks it or says ENOTSUP (unless NO_FALLBACK, which yields
- *      ENOTSUP); MAY_UNMAP is dropped unless the node was opened with
- *      discard=unmap; FUA -> write, then flush when the driver lacks FUA;
- *      discard is a hint (ignored when not enabled, unsupported or ENOTSUP);
- *      detect-zeroes turns all-zero writes into write-zeroes;
- *   6. on completion bumps the write generation (so a flush with nothing to
- *      do is free) and grows the cached length after writes past the end.
+ *      driver lacks it or says ENOTSUP (NO_FALLBACK instead yields ENOTSUP,
+ *      at once when the node cannot zero natively or the request is
+ *      unaligned); MAY_UNMAP is dropped unless the node was opened with
+ *      discard=unmap; FUA -> write, then one flush at the end when the
+ *      driver lacks FUA; discard is a hint (ignored when not enabled,
+ *      unsupported or ENOTSUP); detect-zeroes turns all-zero writes into
+ *      write-zeroes;
+ *   6. bumps the write generation when the driver calls return (before an
+ *      emulated FUA flush, which must see the write as unflushed; a flush
+ *      with nothing new to flush is free) and, after a successful write
+ *      past the end, grows the cached length to a whole sector.
  *
  * Reads past the end of a node (only possible inside its last aligned block,
  * or from a parent reading a short backing file) return zeroes. The
@@ -157,13 +162,26 @@ export async function pwritev(child: BdrvChild, offsetBytes: number, buf: Uint8A
     await waitSerialising(node, req);
     const start = alignDown(offsetBytes, align);
     const bounce = new Uint8Array(alignUp(offsetBytes + buf.length, align) - start);
-    await alignedPreadv(node, start, bounce.subarray(0, align), 0);
-    if (bounce.length > align) {
-      await alignedPreadv(node, start + bounce.length - align, bounce.subarray(bounce.length - align), 0);
-    }
+    await readPartialBlocks(node, offsetBytes, buf.length, start, bounce);
     bounce.set(buf, offsetBytes - start);
     await alignedWrite(node, start, bounce.length, bounce, flags);
   });
+}
+
+/**
+ * Fills the blocks of `bounce` (covering [start, start + bounce.length)) that
+ * the unaligned range [offset, offset + bytes) only partly overwrites: the
+ * head block when the offset is unaligned, the tail block when the end is
+ * (once, when both are the same block).
+ */
+async function readPartialBlocks(node: BlockNode, offsetBytes: number, bytes: number, start: number, bounce: Uint8Array) {
+  const align = node.limits.requestAlignment;
+  const headPartial = !isAligned(offsetBytes, align);
+  const tailPartial = !isAligned(offsetBytes + bytes, align);
+  if (headPartial) await alignedPreadv(node, start, bounce.subarray(0, align), 0);
+  if (tailPartial && !(headPartial && bounce.length === align)) {
+    await alignedPreadv(node, start + bounce.length - align, bounce.subarray(bounce.length - align), 0);
+  }
 }
 
 function isZeroBuffer(buf: Uint8Array): boolean {
@@ -177,7 +195,10 @@ function isZeroBuffer(buf: Uint8Array): boolean {
 /**
  * An aligned write (bdrv_aligned_pwritev). `buf` is null for write-zeroes
  * (flags then include ZERO_WRITE). Applies detect-zeroes, then either the
- * write-zeroes path or split driver writes; always bumps the generation.
+ * write-zeroes path or split driver writes. The write generation is bumped
+ * as soon as the driver calls return (also on failure), *before* an
+ * emulated FUA flush, so that flush cannot mistake this write for one
+ * already flushed; the cached length grows only when the write succeeded.
  */
 async function alignedWrite(
   node: BlockNode,
@@ -191,39 +212,49 @@ async function alignedWrite(
     flags |= Req.ZERO_WRITE;
     if (mode === 'unmap' && node.openFlags.unmap) flags |= Req.MAY_UNMAP;
   }
+  let needFlush: boolean;
   try {
-    if (flags & Req.ZERO_WRITE || !buf) {
-      await doPwriteZeroes(node, offsetBytes, bytes, flags);
-    } else {
-      await driverPwritev(node, offsetBytes, buf, flags);
-    }
+    needFlush = flags & Req.ZERO_WRITE || !buf
+      ? await doPwriteZeroes(node, offsetBytes, bytes, flags)
+      : await driverPwritev(node, offsetBytes, buf, flags);
   } finally {
     node.writeGen++;
-    if (offsetBytes + bytes > node.totalBytes) node.totalBytes = offsetBytes + bytes;
   }
+  const end = offsetBytes + bytes;
+  if (end > node.totalBytes) node.totalBytes = alignUp(end, SECTOR_BYTES);
+  if (needFlush) await flush(node);
 }
 
-/** Splits a write by maxTransfer; emulates FUA with one flush at the end. */
-async function driverPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void> {
-  const emulateFua = (flags & Req.FUA) !== 0 && !(node.supportedWriteFlags & Req.FUA);
+/** Splits a write by maxTransfer; returns whether FUA must be emulated by a flush. */
+async function driverPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<boolean> {
   const driverFlags = flags & node.supportedWriteFlags & ~Req.ZERO_WRITE;
   const chunk = maxChunk(node.limits.maxTransfer, node.limits.requestAlignment);
   await forEachChunk(offsetBytes, buf, chunk, (o, b) => node.driver.coPwritev(node, o, b, driverFlags));
-  if (emulateFua) await flush(node);
+  return (flags & Req.FUA) !== 0 && !(node.supportedWriteFlags & Req.FUA);
 }
 
 // ---------------------------------------------------------------- write zeroes
 
-/** Makes [offset, offset + bytes) read as zeroes (MAY_UNMAP: it may also be deallocated). */
+/**
+ * Makes [offset, offset + bytes) read as zeroes (MAY_UNMAP: it may also be
+ * deallocated). With NO_FALLBACK the request fails with ENOTSUP, before any
+ * I/O, when the node cannot zero natively or the request is not aligned to
+ * the node's request alignment (a read-modify-write is no fast zeroing), as
+ * QEMU's bdrv_co_pwritev_part does.
+ */
 export async function pwriteZeroes(child: BdrvChild, offsetBytes: number, bytes: number, flags = 0): Promise<void> {
   checkWrite(child, offsetBytes, bytes);
   if (bytes === 0) return;
   const node = child.node;
+  const align = node.limits.requestAlignment;
+  const aligned = isAligned(offsetBytes, align) && isAligned(bytes, align);
+  if (flags & Req.NO_FALLBACK && (!aligned || !(node.supportedZeroFlags & Req.NO_FALLBACK))) {
+    throw new BlockError('ENOTSUP', 'Fast write zeroes not supported');
+  }
   if (!node.openFlags.unmap) flags &= ~Req.MAY_UNMAP;
   flags |= Req.ZERO_WRITE;
   await inRequest(node, offsetBytes, bytes, async (req) => {
-    const align = node.limits.requestAlignment;
-    if (isAligned(offsetBytes, align) && isAligned(bytes, align)) {
+    if (aligned) {
       await waitSerialising(node, req);
       await alignedWrite(node, offsetBytes, bytes, null, flags);
       return;
@@ -235,63 +266,67 @@ export async function pwriteZeroes(child: BdrvChild, offsetBytes: number, bytes:
 }
 
 /**
- * Write-zeroes with an unaligned head or tail (bdrv_co_do_zero_pwritev):
- * the partial blocks are read, zeroed in memory and written back; the
- * aligned middle goes down as write-zeroes.
+ * Write-zeroes with an unaligned head or tail (bdrv_co_do_zero_pwritev), in
+ * QEMU's order: the partial head block is read, zeroed in memory and written
+ * back, the aligned middle goes down as write-zeroes, then the partial tail.
  */
 async function unalignedZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void> {
   const align = node.limits.requestAlignment;
   const end = offsetBytes + bytes;
-  const headBlock = isAligned(offsetBytes, align) ? null : alignDown(offsetBytes, align);
-  const tailBlock = isAligned(end, align) ? null : alignDown(end, align);
-  const middleStart = headBlock === null ? offsetBytes : headBlock + align;
-  const middleEnd = tailBlock === null ? end : tailBlock;
-  const partialBlocks = [headBlock, tailBlock].filter((b, i, all): b is number => b !== null && all.indexOf(b) === i);
-  for (const block of partialBlocks) {
-    const buf = new Uint8Array(align);
-    await alignedPreadv(node, block, buf, 0);
-    buf.fill(0, Math.max(offsetBytes, block) - block, Math.min(end, block + align) - block);
-    await alignedWrite(node, block, align, buf, flags & ~(Req.ZERO_WRITE | Req.MAY_UNMAP));
-  }
+  const middleStart = alignUp(offsetBytes, align);
+  const middleEnd = alignDown(end, align);
+  if (!isAligned(offsetBytes, align)) await zeroPartialBlock(node, offsetBytes, end, alignDown(offsetBytes, align), flags);
   if (middleEnd > middleStart) await alignedWrite(node, middleStart, middleEnd - middleStart, null, flags);
+  if (!isAligned(end, align) && middleEnd >= middleStart) await zeroPartialBlock(node, offsetBytes, end, middleEnd, flags);
+}
+
+/** Zeroes the part of [offset, end) inside the block at `block` by read-modify-write. */
+async function zeroPartialBlock(node: BlockNode, offsetBytes: number, end: number, block: number, flags: number) {
+  const align = node.limits.requestAlignment;
+  const buf = new Uint8Array(align);
+  await alignedPreadv(node, block, buf, 0);
+  buf.fill(0, Math.max(offsetBytes, block) - block, Math.min(end, block + align) - block);
+  await alignedWrite(node, block, align, buf, flags & ~(Req.ZERO_WRITE | Req.MAY_UNMAP));
 }
 
 /**
- * Aligned write-zeroes (bdrv_co_do_pwrite_zeroes): split by the node's
- * zero alignment and limit; the driver's write-zeroes first, then the
- * zero-buffer fallback unless NO_FALLBACK.
+ * Aligned write-zeroes (bdrv_co_do_pwrite_zeroes): split by the node's zero
+ * alignment and limit: a small piece up to the first zero-alignment
+ * boundary, the aligned bulk, the tail. Each piece tries the driver's
+ * write-zeroes first, then zero-buffer writes (bounded by maxTransfer and
+ * the zero buffer) unless NO_FALLBACK. The head is recomputed after every
+ * piece, so a fallback shortened by maxTransfer never leaves a later
+ * write-zeroes straddling a zero-alignment boundary. Returns whether FUA
+ * must still be emulated by a flush.
  */
-async function doPwriteZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void> {
-  if (flags & Req.NO_FALLBACK & ~node.supportedZeroFlags) {
-    throw new BlockError('ENOTSUP', 'Fast write zeroes not supported');
-  }
+async function doPwriteZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<boolean> {
   const alignment = Math.max(node.limits.pwriteZeroesAlignment, node.limits.requestAlignment);
   const maxZeroes = maxChunk(node.limits.maxPwriteZeroes, alignment);
-  let head = offsetBytes % alignment;
+  const maxFallback = Math.min(maxChunk(node.limits.maxTransfer, node.limits.requestAlignment), ZERO_BUFFER_BYTES);
   const tail = (offsetBytes + bytes) % alignment;
+  const fua = (flags & Req.FUA) !== 0;
   let needFlush = false;
   while (bytes > 0) {
+    const head = offsetBytes % alignment;
     let num = bytes;
     if (head) {
-      num = Math.min(bytes, alignment - head);
-      head = (head + num) % alignment;
+      num = Math.min(bytes, maxFallback, alignment - head);
     } else if (tail && num > alignment) {
       num -= tail;
     }
     num = Math.min(num, maxZeroes);
-    const zeroed = await tryDriverZeroes(node, offsetBytes, num, flags);
-    if (zeroed) {
-      needFlush ||= (flags & Req.FUA) !== 0 && !(node.supportedZeroFlags & Req.FUA);
+    if (await tryDriverZeroes(node, offsetBytes, num, flags)) {
+      needFlush ||= fua && !(node.supportedZeroFlags & Req.FUA);
     } else {
-      num = Math.min(num, maxChunk(node.limits.maxTransfer, node.limits.requestAlignment), ZERO_BUFFER_BYTES);
-      const writeFlags = flags & ~(Req.ZERO_WRITE | Req.FUA);
-      needFlush ||= (flags & Req.FUA) !== 0;
-      await node.driver.coPwritev(node, offsetBytes, ZERO_BUFFER.subarray(0, num), writeFlags & node.supportedWriteFlags);
+      num = Math.min(num, maxFallback);
+      const writeFlags = flags & node.supportedWriteFlags & ~Req.ZERO_WRITE;
+      needFlush ||= fua && !(writeFlags & Req.FUA);
+      await node.driver.coPwritev(node, offsetBytes, ZERO_BUFFER.subarray(0, num), writeFlags);
     }
     offsetBytes += num;
     bytes -= num;
   }
-  if (needFlush) await flush(node);
+  return needFlush;
 }
 
 /** The driver's own write-zeroes; false when it says ENOTSUP and a fallback is allowed. */
@@ -314,7 +349,10 @@ async function tryDriverZeroes(node: BlockNode, offsetBytes: number, bytes: numb
 /**
  * Discards [offset, offset + bytes): a hint. Nothing happens unless the node
  * was opened with discard=unmap and its driver discards; ENOTSUP is ignored.
- * Unaligned edges are sent as smaller requests (devices may coalesce them).
+ * Unaligned edges are sent as smaller requests (devices may coalesce them),
+ * except pieces smaller than the node's request alignment: QEMU passes those
+ * down too, but our drivers are promised aligned requests, and dropping part
+ * of a hint is always allowed.
  */
 export async function pdiscard(child: BdrvChild, offsetBytes: number, bytes: number): Promise<void> {
   checkWrite(child, offsetBytes, bytes);
@@ -352,10 +390,12 @@ async function discardChunks(node: BlockNode, offsetBytes: number, bytes: number
       }
     }
     num = Math.min(num, maxDiscard);
-    try {
-      await node.driver.coPdiscard(node, offsetBytes, num);
-    } catch (e) {
-      if (!(e instanceof BlockError && e.code === 'ENOTSUP')) throw e;
+    if (isAligned(offsetBytes, requestAlign) && isAligned(num, requestAlign)) {
+      try {
+        await node.driver.coPdiscard(node, offsetBytes, num);
+      } catch (e) {
+        if (!(e instanceof BlockError && e.code === 'ENOTSUP')) throw e;
+      }
     }
     offsetBytes += num;
     bytes -= num;
@@ -422,10 +462,8 @@ export async function truncate(
 ): Promise<void> {
   const node = child.node;
   checkOpen(node);
-  if (!Number.isSafeInteger(offsetBytes) || offsetBytes < 0) {
-    throw new BlockError('EINVAL', 'Image size cannot be negative');
-  }
-  if (offsetBytes > MAX_LENGTH_BYTES) {
+  if (offsetBytes < 0) throw new BlockError('EINVAL', 'Image size cannot be negative');
+  if (!Number.isSafeInteger(offsetBytes) || offsetBytes > MAX_LENGTH_BYTES) {
     throw new BlockError('EFBIG', `Required too big image size, it must be not greater than ${MAX_LENGTH_BYTES}`);
   }
   if (node.readOnly) throw new BlockError('EACCES', 'Image is read-only');

@@ -16,6 +16,10 @@
  * refuses WRITE/RESIZE edges. Requests are issued through edges; the gate
  * refuses writes through an edge that lacks WRITE.
  *
+ * Drain counts travel along edges: a parent attached to (or detached from)
+ * a drained node is quiesced (released) as many times as the node is, so
+ * drains stay balanced across graph changes such as a mirror pivot.
+ *
  * Invariants: `totalBytes` is the node's length as last read from the driver
  * or grown by a write through an edge with RESIZE; `inFlight` counts
  * requests between gate entry and completion; `closed` nodes refuse requests
@@ -282,6 +286,14 @@ export function permissionConflict(
   return null;
 }
 
+/** Passes a drained child's quiesce count on to a parent joining (+1) or leaving (-1) it. */
+function carryQuiesce(parent: EdgeParent, node: BlockNode, direction: 1 | -1): void {
+  for (let i = 0; i < node.quiesceCounter; i++) {
+    if (direction > 0) parent.drainedBegin();
+    else parent.drainedEnd();
+  }
+}
+
 /** Attaches a new edge parent -> node, checking permissions. */
 export function attachChild(
   parent: EdgeParent,
@@ -296,18 +308,21 @@ export function attachChild(
   const edge = new BdrvChild(name, role, parent, node, perm, shared);
   node.parents.push(edge);
   if (parent instanceof BlockNode) parent.children.push(edge);
+  carryQuiesce(parent, node, 1);
   return edge;
 }
 
 /** Removes an edge from both ends. */
 export function detachChild(edge: BdrvChild): void {
   const i = edge.node.parents.indexOf(edge);
-  if (i >= 0) edge.node.parents.splice(i, 1);
+  if (i < 0) return;
+  edge.node.parents.splice(i, 1);
   const p = edge.parent;
   if (p instanceof BlockNode) {
     const j = p.children.indexOf(edge);
     if (j >= 0) p.children.splice(j, 1);
   }
+  carryQuiesce(p, edge.node, -1);
 }
 
 /** Re-points an edge at another node (mirror pivot, backing changes). */
@@ -316,6 +331,8 @@ export function replaceChildNode(edge: BdrvChild, node: BlockNode): void {
   if (reason) throw new BlockError('EPERM', reason);
   const i = edge.node.parents.indexOf(edge);
   if (i >= 0) edge.node.parents.splice(i, 1);
+  carryQuiesce(edge.parent, edge.node, -1);
   edge.node = node;
   node.parents.push(edge);
+  carryQuiesce(edge.parent, node, 1);
 }

@@ -3,10 +3,14 @@
  * (QEMU's BlockdevOptionsBase) and value helpers that accept both typed JSON
  * and the strings of `key=value` syntax, as QEMU's input visitors do.
  *
- * Drivers declare their own keys as a zod object; `parseNodeOptions` checks
- * the common keys, then the driver's (strictly: an unknown key is refused
- * with QEMU's message), and returns both halves typed. Messages follow QEMU:
+ * Drivers declare their own keys as a zod object; `parseBaseOptions`
+ * checks the common keys and returns the rest, which the graph validates
+ * strictly against the driver's schema (an unknown key is refused with
+ * QEMU's message). Messages follow QEMU (QemuOpts' wording for numbers and
+ * sizes):
  *   Parameter 'read-only' expects 'on' or 'off'
+ *   Parameter 'latency-ns' expects a number
+ *   Value '16E' is out of range for parameter 'size'
  *   Block format 'raw' does not support the option 'foo'
  */
 import { z } from 'zod';
@@ -14,9 +18,12 @@ import { BlockError } from './errors.js';
 import type { OptionTree, OptionValue } from './keyval.js';
 import { parseSize } from './units.js';
 
-const BOOL_WORDS: Record<string, boolean> = { on: true, yes: true, true: true, off: false, no: false, false: false };
+const BOOL_WORDS: Record<string, boolean> = {
+  on: true, yes: true, true: true, y: true,
+  off: false, no: false, false: false, n: false,
+};
 
-/** A boolean, or 'on'/'off' (also yes/no, true/false). */
+/** A boolean, or 'on'/'off' (also yes/no, true/false, y/n: qapi_bool_parse). */
 export function zBool(key: string) {
   return z.union([z.boolean(), z.string()]).transform((v, ctx) => {
     if (typeof v === 'boolean') return v;
@@ -29,24 +36,53 @@ export function zBool(key: string) {
   });
 }
 
-/** A non-negative integer, or its decimal/hex string. */
+/**
+ * A string as QemuOpts reads a number (qemu_strtou64 with base 0): leading
+ * whitespace, an optional `+`, then hex (`0x`), octal (leading `0`) or
+ * decimal digits, nothing after. Returns null when it is not a number.
+ */
+function parseNumber(text: string): bigint | null {
+  const m = /^[ \t\n\v\f\r]*\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))$/.exec(text);
+  if (!m) return null;
+  if (m[1] !== undefined) return BigInt(`0x${m[1]}`);
+  if (m[2] !== undefined) return BigInt(`0o${m[2].slice(1) || '0'}`);
+  return BigInt(m[3]!);
+}
+
+/**
+ * A non-negative integer, or its string as QemuOpts reads numbers (hex,
+ * octal, decimal). Messages: "Parameter 'KEY' expects a number" for
+ * anything else, "Value 'V' is too large for parameter 'KEY'" beyond
+ * 2^64 - 1, and a range message for values outside [min, max].
+ */
 export function zInt(key: string, opts: { min?: number; max?: number } = {}) {
   const min = opts.min ?? 0;
   const max = opts.max ?? Number.MAX_SAFE_INTEGER;
   return z.union([z.number(), z.string()]).transform((v, ctx) => {
-    const n = typeof v === 'number' ? v : /^\s*(0x[0-9a-f]+|\d+)\s*$/i.test(v) ? Number(v) : NaN;
-    if (!Number.isSafeInteger(n) || n < min || n > max) {
-      ctx.addIssue({ code: 'custom', message: `Parameter '${key}' expects an integer between ${min} and ${max}` });
+    const fail = (message: string) => {
+      ctx.addIssue({ code: 'custom', message });
       return z.NEVER;
-    }
-    return n;
+    };
+    const n = typeof v === 'number' ? v : parseNumber(v);
+    if (n === null || (typeof n === 'number' && !Number.isInteger(n))) return fail(`Parameter '${key}' expects a number`);
+    if (typeof n === 'bigint' && n >= 1n << 64n) return fail(`Value '${v}' is too large for parameter '${key}'`);
+    if (n < min || n > max) return fail(`Parameter '${key}' expects an integer between ${min} and ${max}`);
+    return Number(n);
   });
 }
 
-/** A size in bytes: an integer, or a string with an optional k/M/G/T/P/E suffix. */
+/**
+ * A size in bytes: an integer, or a string with an optional k/M/G/T/P/E
+ * suffix (qemu_strtosz), with QemuOpts' messages; sizes past 2^53 - 1,
+ * which a JS number cannot hold exactly, are out of range.
+ */
 export function zSize(key: string) {
   return z.union([z.number(), z.string()]).transform((v, ctx) => {
     const n = typeof v === 'number' ? v : parseSize(v);
+    if (n === 'range' || (typeof n === 'number' && n > Number.MAX_SAFE_INTEGER)) {
+      ctx.addIssue({ code: 'custom', message: `Value '${v}' is out of range for parameter '${key}'` });
+      return z.NEVER;
+    }
     if (typeof n !== 'number' || !Number.isSafeInteger(n) || n < 0) {
       ctx.addIssue({
         code: 'custom',
@@ -73,17 +109,21 @@ export function zEnum<const T extends readonly [string, ...string[]]>(key: strin
 export const zBlockdevRef = z.union([z.string(), z.record(z.string(), z.unknown())]);
 export type BlockdevRef = string | OptionTree;
 
-/** Node names as QEMU accepts them (id_wellformed, under 32 bytes). */
+/**
+ * Node names as QEMU accepts them (bdrv_assign_node_name): well-formed
+ * (id_wellformed: a letter, then letters, digits, `-`, `.`, `_`) is checked
+ * first, then the length (under 32 bytes).
+ */
 export const NODE_NAME_MAX_BYTES = 31;
 export function invalidNodeName(name: string): string | null {
-  if (name.length > NODE_NAME_MAX_BYTES) return `Node name too long`;
   if (!/^[A-Za-z][A-Za-z0-9._-]*$/.test(name)) return `Invalid node-name: '${name}'`;
+  if (name.length > NODE_NAME_MAX_BYTES) return `Node name too long`;
   return null;
 }
 
 /** The keys every node takes (BlockdevOptionsBase). */
 export const baseOptionsSchema = z.object({
-  driver: z.string({ error: "Parameter 'driver' is required" }),
+  driver: z.string({ error: (issue) => (issue.input === undefined ? "Parameter 'driver' is required" : undefined) }),
   'node-name': z.string().optional(),
   discard: zEnum('discard', ['ignore', 'off', 'unmap', 'on'] as const).optional(),
   cache: z
@@ -118,7 +158,9 @@ export function parseWith<S extends z.ZodType>(
   options: unknown,
   describeUnknown: (key: string) => string = (k) => `Invalid parameter '${k}'`,
 ): z.output<S> {
-  const r = schema.safeParse(options);
+  // reportInput: issues carry the input, so a missing key ("is required")
+  // can be told from a key of the wrong type ("Invalid parameter type").
+  const r = schema.safeParse(options, { reportInput: true });
   if (!r.success) throw new BlockError('EINVAL', issueMessage(r.error, describeUnknown));
   return r.data;
 }
@@ -130,11 +172,14 @@ export interface ParsedNodeOptions {
 }
 
 /** Splits the common keys from the driver's and validates the common ones. */
-export function parseBaseOptions(options: Record<string, unknown>): ParsedNodeOptions {
+export function parseBaseOptions(
+  options: Record<string, unknown>,
+  describeUnknown?: (key: string) => string,
+): ParsedNodeOptions {
   const baseIn: Record<string, unknown> = {};
   const rest: Record<string, unknown> = {};
   for (const [k, v] of Object.entries(options)) (BASE_KEYS.has(k) ? baseIn : rest)[k] = v;
-  const base = parseWith(baseOptionsSchema, baseIn);
+  const base = parseWith(baseOptionsSchema, baseIn, describeUnknown);
   const nameProblem = base['node-name'] !== undefined ? invalidNodeName(base['node-name']) : null;
   if (nameProblem) throw new BlockError('EINVAL', nameProblem);
   return { base, rest };

@@ -15,7 +15,9 @@
  *   - with wantZero and RECURSE, DATA at a host offset is checked against
  *     the host node, which may know it is a hole (ZERO).
  * Requests are widened to the node's request alignment before the driver
- * sees them and the answer is narrowed back. Offsets and pnum are in bytes.
+ * sees them and the answer is narrowed back to the caller's range first, so
+ * RAW resolution and the generic bits work at the caller's offset (as in
+ * QEMU). Offsets and pnum are in bytes.
  *
  * `blockStatusAbove(node, base, …)` walks the chain from `node` down to (not
  * including) `base`, stopping at the first layer that allocates the range;
@@ -76,18 +78,18 @@ async function statusFromDriver(
   const alignedOffset = alignDown(offsetBytes, align);
   const alignedBytes = alignUp(offsetBytes + bytes, align) - alignedOffset;
   const answer = await node.driver.coBlockStatus(node, wantZero, alignedOffset, alignedBytes);
-  if (!(answer.pnum > 0 && answer.pnum <= alignedBytes)) {
+  const skew = offsetBytes - alignedOffset;
+  if (!(answer.pnum > skew && answer.pnum <= alignedBytes)) {
     throw new BlockError('EIO', `Driver '${node.driver.name}' returned an invalid block status length ${answer.pnum}`);
   }
+  // Narrow the answer to the caller's range before anything else looks at it
+  // (QEMU does the same): a RAW answer must be resolved at the caller's
+  // offset, not at the aligned one, whose first bytes the caller never asked about.
+  const narrowed: BlockStatusResult = { ...answer, pnum: Math.min(answer.pnum - skew, bytes) };
+  if (narrowed.map !== undefined && narrowed.status & (Status.OFFSET_VALID | Status.RAW)) narrowed.map += skew;
   const result = answer.status & Status.RAW
-    ? await resolveRaw(answer, wantZero)
-    : await addGenericBits(node, answer, alignedOffset, wantZero);
-  const skew = offsetBytes - alignedOffset;
-  result.pnum = Math.min(result.pnum - skew, bytes);
-  if (result.pnum <= 0) {
-    throw new BlockError('EIO', `Driver '${node.driver.name}' returned a block status shorter than the alignment`);
-  }
-  if (result.status & Status.OFFSET_VALID && result.map !== undefined) result.map += skew;
+    ? await resolveRaw(narrowed, wantZero)
+    : await addGenericBits(node, narrowed, offsetBytes, wantZero);
   result.status &= ~(Status.RAW | Status.RECURSE | Status.EOF);
   return result;
 }
@@ -102,7 +104,7 @@ async function resolveRaw(answer: BlockStatusResult, wantZero: boolean): Promise
     // The window reaches past the child's end: zeroes (as QEMU's zero-fill reads).
     return { status: Status.ZERO | Status.ALLOCATED, pnum: answer.pnum };
   }
-  return { ...below, status: below.status };
+  return below;
 }
 
 async function addGenericBits(
@@ -128,16 +130,27 @@ async function addGenericBits(
     file !== undefined &&
     file !== node &&
     result.map !== undefined;
-  if (recurse) {
-    const below = await blockStatus(file, result.map!, result.pnum, true);
-    if (below.status & Status.EOF && (below.pnum === 0 || below.status & Status.ZERO)) {
-      result.status |= Status.ZERO;
-    } else {
-      result.pnum = below.pnum;
-      result.status |= below.status & Status.ZERO;
-    }
-  }
+  if (recurse) await refineFromFile(result, file!, result.map!);
   return result;
+}
+
+/**
+ * RECURSE: asks the host node whether DATA is really a hole. Errors are
+ * ignored, as QEMU does: this only adds information.
+ */
+async function refineFromFile(result: BlockStatusResult, file: BlockNode, map: number): Promise<void> {
+  let below: BlockStatusResult;
+  try {
+    below = await blockStatus(file, map, result.pnum, true);
+  } catch {
+    return;
+  }
+  if (below.status & Status.EOF && (below.pnum === 0 || below.status & Status.ZERO)) {
+    result.status |= Status.ZERO;
+  } else {
+    result.pnum = below.pnum;
+    result.status |= below.status & Status.ZERO;
+  }
 }
 
 /**

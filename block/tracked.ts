@@ -23,22 +23,19 @@ export interface TrackedRequest {
   overlapOffsetBytes: number;
   overlapBytes: number;
   serialising: boolean;
-  readonly done: Promise<void>;
-  finish(): void;
+  /** Requests waiting for this one to end; created only when someone waits. */
+  waiters: Array<() => void> | null;
 }
 
 /** Registers a request on the node; call `endTracked` when it completes. */
 export function beginTracked(node: BlockNode, offsetBytes: number, bytes: number): TrackedRequest {
-  let finish!: () => void;
-  const done = new Promise<void>((resolve) => (finish = resolve));
   const req: TrackedRequest = {
     offsetBytes,
     bytes,
     overlapOffsetBytes: offsetBytes,
     overlapBytes: bytes,
     serialising: false,
-    done,
-    finish,
+    waiters: null,
   };
   node.tracked.add(req);
   return req;
@@ -77,12 +74,12 @@ function firstConflict(node: BlockNode, req: TrackedRequest): TrackedRequest | n
 export async function waitSerialising(node: BlockNode, req: TrackedRequest): Promise<void> {
   if (node.serialisingInFlight === 0) return;
   for (let other = firstConflict(node, req); other; other = firstConflict(node, req)) {
-    await other.done;
+    await new Promise<void>((resolve) => (other.waiters ??= []).push(resolve));
   }
 }
 
 export function endTracked(node: BlockNode, req: TrackedRequest): void {
   node.tracked.delete(req);
   if (req.serialising) node.serialisingInFlight--;
-  req.finish();
+  if (req.waiters) for (const wake of req.waiters) wake();
 }

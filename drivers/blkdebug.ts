@@ -6,7 +6,10 @@
  *
  * Like QEMU's, it checks that the gate honoured those limits and fails a
  * request that breaks them (EIO, with a message naming the broken limit),
- * which makes it an oracle for the gate's alignment and splitting.
+ * which makes it an oracle for the gate's alignment and splitting. Also
+ * like QEMU's, write-zeroes and discard pieces smaller than their preferred
+ * alignment are not passed down (ENOTSUP, resp. ignored), so tests exercise
+ * the gate's fallback; such a piece must not cross an alignment boundary.
  * Error-injection rules are not offered; the option is refused as unknown.
  */
 import { z } from 'zod';
@@ -14,17 +17,17 @@ import { BlockError } from '../block/errors.js';
 import { Req, isAligned, isPowerOfTwo } from '../block/flags.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev } from '../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
-import { zBlockdevRef, zInt } from '../block/options.js';
+import { zBlockdevRef, zSize } from '../block/options.js';
 import type { BlockDriver } from '../block/driver.js';
 
 const optionsSchema = z.object({
-  image: zBlockdevRef,
-  align: zInt('align').optional(),
-  'max-transfer': zInt('max-transfer').optional(),
-  'opt-write-zero': zInt('opt-write-zero').optional(),
-  'max-write-zero': zInt('max-write-zero').optional(),
-  'opt-discard': zInt('opt-discard').optional(),
-  'max-discard': zInt('max-discard').optional(),
+  image: zBlockdevRef.optional(),
+  align: zSize('align').optional(),
+  'max-transfer': zSize('max-transfer').optional(),
+  'opt-write-zero': zSize('opt-write-zero').optional(),
+  'max-write-zero': zSize('max-write-zero').optional(),
+  'opt-discard': zSize('opt-discard').optional(),
+  'max-discard': zSize('max-discard').optional(),
 });
 type Options = z.output<typeof optionsSchema>;
 
@@ -49,8 +52,14 @@ function invalidLimits(o: Options): string | null {
   return null;
 }
 
-function checkRequest(node: BlockNode, what: string, offsetBytes: number, bytes: number, maxBytes: number): void {
-  const align = node.limits.requestAlignment;
+function checkRequest(
+  node: BlockNode,
+  what: string,
+  offsetBytes: number,
+  bytes: number,
+  maxBytes: number,
+  align = node.limits.requestAlignment,
+): void {
   if (!isAligned(offsetBytes, align) || !isAligned(bytes, align)) {
     throw new BlockError('EIO', `blkdebug: ${what} ${offsetBytes}+${bytes} breaks alignment ${align}`);
   }
@@ -59,10 +68,28 @@ function checkRequest(node: BlockNode, what: string, offsetBytes: number, bytes:
   }
 }
 
+/**
+ * True for a piece smaller than `align` (which blkdebug does not pass down);
+ * such a piece must stay inside one aligned block, else the gate erred.
+ */
+function smallPiece(node: BlockNode, what: string, offsetBytes: number, bytes: number, align: number): boolean {
+  if (bytes >= align) return false;
+  const end = offsetBytes + bytes;
+  const inOneBlock = Math.floor(offsetBytes / align) === Math.floor((end - 1) / align);
+  if (!inOneBlock) {
+    throw new BlockError('EIO', `blkdebug: ${what} piece ${offsetBytes}+${bytes} crosses alignment ${align}`);
+  }
+  checkRequest(node, what, offsetBytes, bytes, 0);
+  return true;
+}
+
 export const blkdebugDriver: BlockDriver = {
   name: 'blkdebug',
   isFilter: true,
   optionsSchema,
+  strongOptions: ['align', 'max-transfer', 'opt-write-zero', 'max-write-zero', 'opt-discard', 'max-discard'],
+  // Opened like a protocol in QEMU, so it reports no allocated size.
+  getAllocatedFileSize: async () => undefined,
   async open(node, options, ctx) {
     const o = options as Options;
     const reason = invalidLimits(o);
@@ -88,11 +115,17 @@ export const blkdebugDriver: BlockDriver = {
     await pwritev(image(node), offsetBytes, buf, flags);
   },
   async coPwriteZeroes(node, offsetBytes, bytes, flags) {
-    checkRequest(node, 'write-zeroes', offsetBytes, bytes, node.limits.maxPwriteZeroes);
+    const align = Math.max(node.limits.requestAlignment, node.limits.pwriteZeroesAlignment);
+    if (smallPiece(node, 'write-zeroes', offsetBytes, bytes, align)) {
+      throw new BlockError('ENOTSUP', 'blkdebug: write-zeroes piece smaller than opt-write-zero');
+    }
+    checkRequest(node, 'write-zeroes', offsetBytes, bytes, node.limits.maxPwriteZeroes, align);
     await pwriteZeroes(image(node), offsetBytes, bytes, flags);
   },
   async coPdiscard(node, offsetBytes, bytes) {
-    checkRequest(node, 'discard', offsetBytes, bytes, node.limits.maxPdiscard);
+    const align = Math.max(node.limits.requestAlignment, node.limits.pdiscardAlignment);
+    if (smallPiece(node, 'discard', offsetBytes, bytes, align)) return;
+    checkRequest(node, 'discard', offsetBytes, bytes, node.limits.maxPdiscard, align);
     await pdiscard(image(node), offsetBytes, bytes);
   },
 };

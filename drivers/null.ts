@@ -10,7 +10,7 @@ import { z } from 'zod';
 import { Req, Status } from '../block/flags.js';
 import type { BlockDriver } from '../block/driver.js';
 import type { BlockNode } from '../block/node.js';
-import { zBool, zInt } from '../block/options.js';
+import { zBool, zInt, zSize } from '../block/options.js';
 
 /** Default size when `size` is not given (QEMU: 1 GiB). */
 export const NULL_DEFAULT_BYTES = 1 << 30;
@@ -25,7 +25,7 @@ interface NullState {
 const state = (node: BlockNode) => node.opaque as NullState;
 
 const optionsSchema = z.object({
-  size: zInt('size').optional(),
+  size: zSize('size').optional(),
   'latency-ns': zInt('latency-ns').optional(),
   'read-zeroes': zBool('read-zeroes').optional(),
   filename: z.literal('null-co://', { error: "The only allowed filename for this driver is 'null-co://'" }).optional(),
@@ -40,6 +40,8 @@ export const nullDriver: BlockDriver = {
   name: 'null-co',
   protocolName: 'null-co',
   optionsSchema,
+  strongOptions: ['size', 'read-zeroes'],
+  getAllocatedFileSize: async () => 0,
   async open(node, options) {
     const o = options as z.output<typeof optionsSchema>;
     node.opaque = {
@@ -47,7 +49,7 @@ export const nullDriver: BlockDriver = {
       latencyNs: o['latency-ns'] ?? 0,
       readZeroes: o['read-zeroes'] ?? false,
     } satisfies NullState;
-    node.filename = o['latency-ns'] ? '' : 'null-co://';
+    node.filename = o.size === undefined && o['read-zeroes'] === undefined ? 'null-co://' : '';
     node.supportedWriteFlags = Req.FUA;
     node.supportedZeroFlags = Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK;
   },

@@ -35,7 +35,7 @@ interface RawState {
 const state = (node: BlockNode) => node.opaque as RawState;
 
 const optionsSchema = z.object({
-  file: zBlockdevRef,
+  file: zBlockdevRef.optional(),
   offset: zSize('offset').optional(),
   size: zSize('size').optional(),
 });
@@ -66,6 +66,16 @@ async function open(node: BlockNode, options: Record<string, unknown>, ctx: Para
   node.supportedWriteFlags = Req.FUA & file.node.supportedWriteFlags;
   node.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & file.node.supportedZeroFlags;
   if (node.probed) node.limits.requestAlignment = PROBE_GUARD_BYTES;
+  if (node.probed && !node.readOnly) ctx.graph.onWarning(probeWarning(file.node.filename), { verbatim: true });
+}
+
+/** QEMU's warning for a writable image whose format was guessed as raw. */
+export function probeWarning(filename: string): string {
+  return (
+    `WARNING: Image format was not specified for '${filename}' and probing guessed raw.\n` +
+    '         Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.\n' +
+    "         Specify the 'raw' format explicitly to remove the restrictions.\n"
+  );
 }
 
 async function getLength(node: BlockNode): Promise<number> {
@@ -87,6 +97,7 @@ export const rawDriver: BlockDriver = {
   isFormat: true,
   optionsSchema,
   createOpts: RAW_CREATE_OPTS,
+  strongOptions: ['offset', 'size'],
   open,
   getLength,
   coPreadv: (node, offsetBytes, buf, flags) => preadv(state(node).file, offsetBytes + state(node).offsetBytes, buf, flags),
@@ -110,4 +121,5 @@ export const rawDriver: BlockDriver = {
   },
   coCreate: (ctx, request) => ctx.graph.createFile(request.filename, request.opts),
   probe: () => 1,
+  getInfo: (node) => state(node).file.node.driver.getInfo(state(node).file.node),
 };

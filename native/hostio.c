@@ -1,11 +1,13 @@
 /*
  * hostio: the few host-file operations Node's fs module lacks.
  *
- * The file driver needs three things fs cannot do: find allocated extents
+ * The file driver needs things fs cannot do: find allocated extents
  * (lseek SEEK_DATA / SEEK_HOLE, for block-status), deallocate or zero a range
  * without writing a buffer (fallocate PUNCH_HOLE / ZERO_RANGE, for discard
  * and write-zeroes), and preallocate (fallocate mode 0). It also reports the
- * size of block devices, for which fstat says 0.
+ * size of block devices, for which fstat says 0, hands out memory aligned
+ * for O_DIRECT (cache.direct=on), and sets the create-time file attributes
+ * nocow and extent_size_hint.
  *
  * Contract, shared with the TypeScript loader drivers/file/host-io.ts:
  *   - seekData(fd, offset) / seekHole(fd, offset) -> number | null, sync.
@@ -18,16 +20,37 @@
  *     past EOF extends the file, as QEMU's file-posix write-zeroes does.
  *   - sizeBytes(fd) -> number: lseek(fd, 0, SEEK_END). This moves the file
  *     position; callers use positioned I/O only, so nothing is restored.
+ *   - alignedBuffer(bytes, alignBytes) -> ArrayBuffer: zero-filled memory
+ *     from posix_memalign, freed by the ArrayBuffer's finalizer when it is
+ *     collected; its size is reported to V8 as external memory so the
+ *     collector knows what it holds. bytes in [1, 1 GiB], alignBytes a power
+ *     of two up to 1 MiB. O_DIRECT needs the memory itself aligned, which no
+ *     JS allocation promises.
+ *   - isAligned(view, alignBytes) -> boolean: whether the first byte of a
+ *     TypedArray, Buffer, DataView or ArrayBuffer sits at a multiple of
+ *     alignBytes (the view's byte offset included).
+ *   - logicalBlockBytes(fd) -> number | null: BLKSSZGET, the logical block
+ *     size of a block device; null for files (ENOTTY) and on other hosts.
+ *   - setNocow(fd): FS_IOC_GETFLAGS, then FS_IOC_SETFLAGS with FS_NOCOW_FL
+ *     (btrfs: no copy-on-write for this file).
+ *   - setExtentSizeHint(fd, hintBytes): FS_IOC_FSGETXATTR, then
+ *     FS_IOC_FSSETXATTR with FS_XFLAG_EXTSIZE and fsx_extsize = hintBytes
+ *     (hintBytes at most 2^32 - 1; XFS honours it).
+ *   The three ioctl calls are synchronous: they touch one inode's metadata.
  *
  * Errors: a JS Error whose `.code` is the errno name and `.syscall` the call.
  * As in QEMU's do_fallocate, fallocate's "this file cannot do that" errnos
  * (EOPNOTSUPP, ENODEV, ENOSYS, ENOTTY) all become 'ENOTSUP', the code the
- * block layer reads as "fall back". Bad arguments (non-integer, negative,
- * above 2^53, fd outside int range) throw a TypeError before any syscall.
+ * block layer reads as "fall back"; so do the ioctls' (ENOTTY: the file
+ * system has no such ioctl). Bad arguments (non-integer, negative, above
+ * 2^53, fd outside int range, a non-power-of-two alignment) throw a
+ * TypeError before any syscall.
  *
  * Left out: FALLOC_FL_NO_HIDE_STALE, COLLAPSE/INSERT_RANGE, BLKDISCARD and
- * BLKZEROOUT ioctls for block devices (fallocate covers them on Linux >= 4.9).
- * On hosts without SEEK_DATA or fallocate every call fails with ENOTSUP.
+ * BLKZEROOUT ioctls for block devices (fallocate covers them on Linux >= 4.9),
+ * XFS_IOC_DIOINFO and statx(STATX_DIOALIGN) (the driver probes alignment
+ * with reads, as QEMU 7.2 does). On hosts without SEEK_DATA, fallocate or
+ * the Linux ioctls those calls fail with ENOTSUP.
  */
 #define _GNU_SOURCE
 #define _FILE_OFFSET_BITS 64
@@ -42,6 +65,11 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+
+#if defined(__linux__)
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+#endif
 
 #include <node_api.h>
 
@@ -63,10 +91,26 @@
 #define FALLOC_FL_ZERO_RANGE 0
 #endif
 
+#if defined(__linux__) && defined(FS_IOC_GETFLAGS) && \
+    defined(FS_IOC_FSSETXATTR) && defined(BLKSSZGET)
+#define HOSTIO_HAVE_FS_IOCTLS 1
+#ifndef FS_NOCOW_FL
+#define FS_NOCOW_FL 0x00800000 /* older kernel headers lack it */
+#endif
+#else
+#define HOSTIO_HAVE_FS_IOCTLS 0
+#endif
+
 /* Largest offset or length a JS number carries exactly: 2^53. */
 #define HOSTIO_OFFSET_MAX_BYTES 9007199254740992.0
 /* Arguments of the widest call (fd, offset, length). */
 #define HOSTIO_ARGC_MAX 3
+/* Largest alignedBuffer: the block layer's largest request (1 GiB). */
+#define HOSTIO_ALIGNED_BUFFER_MAX_BYTES 1073741824.0
+/* Largest alignment: the block layer's largest request alignment (1 MiB). */
+#define HOSTIO_ALIGN_MAX_BYTES 1048576.0
+/* fsx_extsize is a __u32. */
+#define HOSTIO_EXTENT_SIZE_HINT_MAX_BYTES 4294967295.0
 
 /* ---- errno names -------------------------------------------------------- */
 
@@ -96,9 +140,9 @@ static const char *errno_name(int err) {
   return "EIO"; /* unknown errnos read as I/O errors, like toBlockError */
 }
 
-#if HOSTIO_HAVE_FALLOCATE
-/* fallocate's "not on this file" answers, folded as QEMU's do_fallocate does. */
-static int fallocate_errno(int err) {
+#if HOSTIO_HAVE_FALLOCATE || HOSTIO_HAVE_FS_IOCTLS
+/* "Not on this file" answers, folded as QEMU's translate_err does. */
+static int unsupported_errno(int err) {
   if (err == EOPNOTSUPP || err == ENODEV || err == ENOSYS || err == ENOTTY) {
     return ENOTSUP;
   }
@@ -181,6 +225,12 @@ static int get_bytes(napi_env env, napi_value value, const char *what,
   return 1;
 }
 
+/* Parses a call whose only argument is an fd. */
+static int get_fd_arg(napi_env env, napi_callback_info info, int *fd) {
+  napi_value argv[1];
+  return get_args(env, info, 1, argv) && get_fd(env, argv[0], fd);
+}
+
 /* Parses (fd, offset[, length]) into the out-parameters; length may be NULL. */
 static int get_range(napi_env env, napi_callback_info info, int *fd,
                      off_t *offset_bytes, off_t *length_bytes) {
@@ -221,9 +271,9 @@ static napi_value seek_hole(napi_env env, napi_callback_info info) {
 }
 
 static napi_value size_bytes(napi_env env, napi_callback_info info) {
-  napi_value argv[1], result;
+  napi_value result;
   int fd;
-  if (!get_args(env, info, 1, argv) || !get_fd(env, argv[0], &fd)) return NULL;
+  if (!get_fd_arg(env, info, &fd)) return NULL;
   off_t end = lseek(fd, 0, SEEK_END);
   if (end < 0) return throw_errno(env, errno, "lseek(SEEK_END)");
   napi_create_double(env, (double)end, &result);
@@ -253,7 +303,7 @@ static void fallocate_execute(napi_env env, void *data) {
   do {
     rc = fallocate(req->fd, req->mode, req->offset_bytes, req->length_bytes);
   } while (rc < 0 && errno == EINTR);
-  req->err = rc < 0 ? fallocate_errno(errno) : 0;
+  req->err = rc < 0 ? unsupported_errno(errno) : 0;
 #else
   req->err = ENOTSUP;
 #endif
@@ -310,6 +360,167 @@ static napi_value allocate(napi_env env, napi_callback_info info) {
   return queue_fallocate(env, info, 0, "fallocate");
 }
 
+/* ---- alignedBuffer / isAligned (memory for O_DIRECT) -------------------- */
+
+/* A power of two in [1, HOSTIO_ALIGN_MAX_BYTES]; else TypeError. */
+static int get_alignment(napi_env env, napi_value value, size_t *align_bytes) {
+  double number;
+  if (!get_integer(env, value, HOSTIO_ALIGN_MAX_BYTES, "alignBytes", &number)) {
+    return 0;
+  }
+  size_t align = (size_t)number;
+  if (align == 0 || (align & (align - 1)) != 0) {
+    napi_throw_type_error(env, "ERR_OUT_OF_RANGE",
+                          "hostio: alignBytes must be a power of two");
+    return 0;
+  }
+  *align_bytes = align;
+  return 1;
+}
+
+/* Finalizer of alignedBuffer's ArrayBuffer; `hint` carries its size. */
+static void free_aligned(napi_env env, void *data, void *hint) {
+  int64_t external_bytes;
+  free(data);
+  napi_adjust_external_memory(env, -(int64_t)(uintptr_t)hint, &external_bytes);
+}
+
+static napi_value aligned_buffer(napi_env env, napi_callback_info info) {
+  napi_value argv[2], result;
+  double number;
+  size_t align_bytes;
+  void *data = NULL;
+  int64_t external_bytes;
+  bool pending = false;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!get_integer(env, argv[0], HOSTIO_ALIGNED_BUFFER_MAX_BYTES, "bytes",
+                   &number)) {
+    return NULL;
+  }
+  if (number < 1) {
+    napi_throw_type_error(env, "ERR_OUT_OF_RANGE",
+                          "hostio: bytes must be at least 1");
+    return NULL;
+  }
+  if (!get_alignment(env, argv[1], &align_bytes)) return NULL;
+  size_t bytes = (size_t)number;
+  /* posix_memalign wants a multiple of sizeof(void *). */
+  size_t memalign_bytes =
+      align_bytes < sizeof(void *) ? sizeof(void *) : align_bytes;
+  int err = posix_memalign(&data, memalign_bytes, bytes);
+  if (err != 0) return throw_errno(env, err, "posix_memalign");
+  memset(data, 0, bytes);
+  if (napi_create_external_arraybuffer(env, data, bytes, free_aligned,
+                                       (void *)(uintptr_t)bytes,
+                                       &result) != napi_ok) {
+    free(data);
+    napi_is_exception_pending(env, &pending);
+    if (pending) return NULL;
+    return throw_errno(env, ENOTSUP, "napi_create_external_arraybuffer");
+  }
+  napi_adjust_external_memory(env, (int64_t)bytes, &external_bytes);
+  return result;
+}
+
+/* The address of a view's first byte; TypeError for anything else. */
+static int view_data(napi_env env, napi_value value, void **data) {
+  bool is = false;
+  if (napi_is_typedarray(env, value, &is) == napi_ok && is) {
+    return napi_get_typedarray_info(env, value, NULL, NULL, data, NULL,
+                                    NULL) == napi_ok;
+  }
+  if (napi_is_dataview(env, value, &is) == napi_ok && is) {
+    return napi_get_dataview_info(env, value, NULL, data, NULL, NULL) ==
+           napi_ok;
+  }
+  if (napi_is_arraybuffer(env, value, &is) == napi_ok && is) {
+    return napi_get_arraybuffer_info(env, value, data, NULL) == napi_ok;
+  }
+  napi_throw_type_error(
+      env, "ERR_INVALID_ARG_TYPE",
+      "hostio: view must be a TypedArray, Buffer, DataView or ArrayBuffer");
+  return 0;
+}
+
+static napi_value is_aligned(napi_env env, napi_callback_info info) {
+  napi_value argv[2], result;
+  size_t align_bytes;
+  void *data = NULL;
+  if (!get_args(env, info, 2, argv)) return NULL;
+  if (!view_data(env, argv[0], &data)) return NULL;
+  if (!get_alignment(env, argv[1], &align_bytes)) return NULL;
+  napi_get_boolean(env, ((uintptr_t)data & (align_bytes - 1)) == 0, &result);
+  return result;
+}
+
+/* ---- logicalBlockBytes / setNocow / setExtentSizeHint (ioctls) ---------- */
+
+static napi_value logical_block_bytes(napi_env env, napi_callback_info info) {
+  napi_value result;
+  int fd;
+  if (!get_fd_arg(env, info, &fd)) return NULL;
+#if HOSTIO_HAVE_FS_IOCTLS
+  int sector_bytes = 0;
+  if (ioctl(fd, BLKSSZGET, &sector_bytes) == 0 && sector_bytes > 0) {
+    napi_create_double(env, (double)sector_bytes, &result);
+    return result;
+  }
+  /* Files and character devices answer ENOTTY (some drivers EINVAL). */
+  if (unsupported_errno(errno) != ENOTSUP && errno != EINVAL) {
+    return throw_errno(env, errno, "ioctl(BLKSSZGET)");
+  }
+#endif
+  napi_get_null(env, &result);
+  return result;
+}
+
+static napi_value set_nocow(napi_env env, napi_callback_info info) {
+  int fd;
+  if (!get_fd_arg(env, info, &fd)) return NULL;
+#if HOSTIO_HAVE_FS_IOCTLS
+  int attr = 0;
+  if (ioctl(fd, FS_IOC_GETFLAGS, &attr) < 0) {
+    return throw_errno(env, unsupported_errno(errno), "ioctl(FS_IOC_GETFLAGS)");
+  }
+  attr |= FS_NOCOW_FL;
+  if (ioctl(fd, FS_IOC_SETFLAGS, &attr) < 0) {
+    return throw_errno(env, unsupported_errno(errno), "ioctl(FS_IOC_SETFLAGS)");
+  }
+#else
+  return throw_errno(env, ENOTSUP, "ioctl(FS_IOC_SETFLAGS)");
+#endif
+  return NULL; /* undefined */
+}
+
+static napi_value set_extent_size_hint(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int fd;
+  double hint_bytes;
+  if (!get_args(env, info, 2, argv) || !get_fd(env, argv[0], &fd)) return NULL;
+  if (!get_integer(env, argv[1], HOSTIO_EXTENT_SIZE_HINT_MAX_BYTES,
+                   "hintBytes", &hint_bytes)) {
+    return NULL;
+  }
+#if HOSTIO_HAVE_FS_IOCTLS
+  struct fsxattr attr;
+  memset(&attr, 0, sizeof(attr));
+  if (ioctl(fd, FS_IOC_FSGETXATTR, &attr) < 0) {
+    return throw_errno(env, unsupported_errno(errno),
+                       "ioctl(FS_IOC_FSGETXATTR)");
+  }
+  attr.fsx_xflags |= FS_XFLAG_EXTSIZE;
+  attr.fsx_extsize = (__u32)hint_bytes;
+  if (ioctl(fd, FS_IOC_FSSETXATTR, &attr) < 0) {
+    return throw_errno(env, unsupported_errno(errno),
+                       "ioctl(FS_IOC_FSSETXATTR)");
+  }
+#else
+  (void)hint_bytes;
+  return throw_errno(env, ENOTSUP, "ioctl(FS_IOC_FSSETXATTR)");
+#endif
+  return NULL; /* undefined */
+}
+
 /* ---- module ------------------------------------------------------------- */
 
 NAPI_MODULE_INIT() {
@@ -320,6 +531,14 @@ NAPI_MODULE_INIT() {
       {"zeroRange", NULL, zero_range, NULL, NULL, NULL, napi_enumerable, NULL},
       {"allocate", NULL, allocate, NULL, NULL, NULL, napi_enumerable, NULL},
       {"sizeBytes", NULL, size_bytes, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"alignedBuffer", NULL, aligned_buffer, NULL, NULL, NULL, napi_enumerable,
+       NULL},
+      {"isAligned", NULL, is_aligned, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"logicalBlockBytes", NULL, logical_block_bytes, NULL, NULL, NULL,
+       napi_enumerable, NULL},
+      {"setNocow", NULL, set_nocow, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"setExtentSizeHint", NULL, set_extent_size_hint, NULL, NULL, NULL,
+       napi_enumerable, NULL},
   };
   size_t count = sizeof(functions) / sizeof(functions[0]);
   if (napi_define_properties(env, exports, count, functions) != napi_ok) {

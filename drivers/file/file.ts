@@ -2,9 +2,18 @@
  * The `file` protocol driver: host files and block devices (QEMU's
  * file-posix).
  *
- * I/O is positioned (FileHandle read/write at an offset); short reads past
- * the end of the file are zero-filled, because the gate may read the whole
- * last aligned block. Flush is fdatasync. FUA is emulated by the gate.
+ * I/O is positioned (direct-io.ts); short reads past the end of the file are
+ * zero-filled, because the gate may read the whole last aligned block. Flush
+ * is fdatasync. FUA is emulated by the gate.
+ *
+ * cache.direct=on opens with O_DIRECT, as QEMU does. Open then probes the
+ * request alignment (direct-io.ts) and sets `limits.requestAlignment`, so
+ * the gate turns unaligned requests into aligned ones (read-modify-write);
+ * memory is aligned by the I/O helpers with the native addon's aligned
+ * buffers. Without the addon (or on a host without O_DIRECT) the open is
+ * refused with ENOTSUP rather than run in a mode that would fail at the
+ * first request. A file system that refuses O_DIRECT (open says EINVAL, yet
+ * a buffered open works) gets QEMU's "filesystem does not support O_DIRECT".
  *
  * Holes: block status asks SEEK_DATA/SEEK_HOLE (native helper) and reports
  * data as DATA and holes as ZERO, both at the same offset in this node.
@@ -14,29 +23,23 @@
  * write zero buffers. Discard punches holes. Without the native helper the
  * whole file is data and these operations fall back, correctly if slower.
  *
- * Create truncates to zero, then grows to the size (rounded up to a whole
- * sector, as QEMU) with the requested preallocation: off (sparse) and falloc
- * (fallocate) also write zeroes over the first block so that, as with QEMU,
- * alignment probing finds data there; full writes zeroes everywhere.
- *
- * cache.direct (O_DIRECT) needs aligned memory, which Node cannot promise,
- * so it is refused with ENOTSUP rather than silently ignored.
+ * Anything but a regular file or a block device is refused with QEMU's
+ * "'file' driver requires '<name>' to be a regular file" (QEMU 7.2 wants the
+ * host_device driver for block devices; this tree has none, so `file` takes
+ * them). Create and resize live in create.ts and resize.ts.
  */
 import fs from 'node:fs';
 import { z } from 'zod';
 import { BlockError, toBlockError } from '../../block/errors.js';
-import { Req, Status, alignUp, type Prealloc } from '../../block/flags.js';
-import type { BlockDriver, CreateOptDesc } from '../../block/driver.js';
+import { Req, Status, type Prealloc } from '../../block/flags.js';
+import type { BlockDriver } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
-import { SECTOR_BYTES } from '../../block/io.js';
+import { createFile, FILE_CREATE_OPTS, stripFilePrefix } from './create.js';
+import { DirectIo, preadHost, probeRequestAlignment, pwriteHost, type HostFile } from './direct-io.js';
 import { loadHostIo, type HostIo } from './host-io.js';
-import { writeZeroBuffer } from './zero-fill.js';
+import { resizeFile } from './resize.js';
 
-/** Bytes QEMU writes at the start of a new file so alignment probing sees data (allocate_first_block). */
-export const FIRST_BLOCK_BYTES = 4096;
-
-interface FileState {
-  fh: fs.promises.FileHandle;
+interface FileState extends HostFile {
   host: HostIo;
   isBlockDevice: boolean;
 }
@@ -47,28 +50,67 @@ const optionsSchema = z.object({
   filename: z.string({ error: "Parameter 'filename' is required" }),
 });
 
-export const FILE_CREATE_OPTS: readonly CreateOptDesc[] = [
-  { name: 'size', type: 'size', help: 'Virtual disk size' },
-  { name: 'preallocation', type: 'string', help: 'Preallocation mode (allowed values: off, falloc, full)' },
-];
+/** O_DIRECT where the host has it (Linux), else undefined. */
+const O_DIRECT = (fs.constants as { O_DIRECT?: number }).O_DIRECT;
 
-async function open(node: BlockNode, options: Record<string, unknown>): Promise<void> {
-  const { filename } = options as z.output<typeof optionsSchema>;
-  if (node.openFlags.direct) {
-    throw new BlockError('ENOTSUP', `Could not open '${filename}': cache.direct=on is not supported`);
-  }
-  let fh: fs.promises.FileHandle;
+/** Why cache.direct=on cannot work in this process, or null. */
+function directUnavailable(host: HostIo): string | null {
+  if (O_DIRECT === undefined) return 'cache.direct=on is not supported on this host (no O_DIRECT)';
+  if (!host.native) return 'cache.direct=on needs the native hostio addon for aligned memory, and it is not loaded';
+  return null;
+}
+
+/** Opens the file as qemu_open does, with its O_DIRECT diagnosis. */
+async function openHostFile(filename: string, readOnly: boolean, direct: boolean): Promise<fs.promises.FileHandle> {
+  const flags = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
   try {
-    fh = await fs.promises.open(filename, node.readOnly ? 'r' : 'r+');
+    return await fs.promises.open(filename, direct ? flags | O_DIRECT! : flags);
   } catch (e) {
+    const code = (e as { code?: unknown }).code;
+    if (direct && code === 'EINVAL' && (await opensBuffered(filename, flags))) {
+      throw new BlockError('EINVAL', `Could not open '${filename}': filesystem does not support O_DIRECT`);
+    }
     throw toBlockError(e, `Could not open '${filename}'`);
   }
-  const st = await fh.stat();
-  if (st.isDirectory()) {
-    await fh.close();
-    throw new BlockError('EISDIR', `Could not open '${filename}': Is a directory`);
+}
+
+async function opensBuffered(filename: string, flags: number): Promise<boolean> {
+  try {
+    await (await fs.promises.open(filename, flags)).close();
+    return true;
+  } catch {
+    return false;
   }
-  node.opaque = { fh, host: loadHostIo(), isBlockDevice: st.isBlockDevice() } satisfies FileState;
+}
+
+/** Probes the O_DIRECT alignment and sets the node's request alignment. */
+async function setUpDirectIo(node: BlockNode, fh: fs.promises.FileHandle, host: HostIo): Promise<DirectIo> {
+  const alignBytes = await probeRequestAlignment(fh, host);
+  if (alignBytes === null) {
+    throw new BlockError('EINVAL', 'Could not find working O_DIRECT alignment\nTry cache.direct=off');
+  }
+  node.limits.requestAlignment = alignBytes;
+  return new DirectIo(host, alignBytes);
+}
+
+async function open(node: BlockNode, options: Record<string, unknown>): Promise<void> {
+  const filename = stripFilePrefix((options as z.output<typeof optionsSchema>).filename);
+  const host = loadHostIo();
+  const direct = node.openFlags.direct;
+  const unavailable = direct ? directUnavailable(host) : null;
+  if (unavailable) throw new BlockError('ENOTSUP', `Could not open '${filename}': ${unavailable}`);
+  const fh = await openHostFile(filename, node.readOnly, direct);
+  try {
+    const st = await fh.stat();
+    if (!st.isFile() && !st.isBlockDevice()) {
+      throw new BlockError('EINVAL', `'file' driver requires '${filename}' to be a regular file`);
+    }
+    const directIo = direct ? await setUpDirectIo(node, fh, host) : null;
+    node.opaque = { fh, direct: directIo, host, isBlockDevice: st.isBlockDevice() } satisfies FileState;
+  } catch (e) {
+    await fh.close();
+    throw toBlockError(e);
+  }
   node.filename = filename;
   node.supportedZeroFlags = Req.MAY_UNMAP | Req.NO_FALLBACK;
 }
@@ -80,25 +122,11 @@ async function getLength(node: BlockNode): Promise<number> {
 }
 
 async function coPreadv(node: BlockNode, offsetBytes: number, buf: Uint8Array): Promise<void> {
-  const { fh } = state(node);
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesRead } = await fh.read(buf, done, buf.length - done, offsetBytes + done);
-    if (bytesRead === 0) {
-      buf.fill(0, done);
-      return;
-    }
-    done += bytesRead;
-  }
+  await preadHost(state(node), offsetBytes, buf);
 }
 
 async function coPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array): Promise<void> {
-  const { fh } = state(node);
-  let done = 0;
-  while (done < buf.length) {
-    const { bytesWritten } = await fh.write(buf, done, buf.length - done, offsetBytes + done);
-    done += bytesWritten;
-  }
+  await pwriteHost(state(node), offsetBytes, buf);
 }
 
 async function coPwriteZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void> {
@@ -142,61 +170,19 @@ async function coBlockStatus(node: BlockNode, wantZero: boolean, offsetBytes: nu
   return { status: Status.DATA | Status.OFFSET_VALID, pnum: Math.min(bytes, Math.max(holeAt - offsetBytes, 1)), ...base };
 }
 
-async function coTruncate(node: BlockNode, offsetBytes: number, _exact: boolean, prealloc: Prealloc): Promise<void> {
+/** Regular files resize (resize.ts); devices keep their size (raw_co_truncate). */
+async function coTruncate(node: BlockNode, offsetBytes: number, exact: boolean, prealloc: Prealloc): Promise<void> {
   const s = state(node);
-  if (s.isBlockDevice) {
-    const length = s.host.sizeBytes(s.fh.fd);
-    if (offsetBytes > length) throw new BlockError('EINVAL', 'Cannot grow device files');
+  if (!s.isBlockDevice) {
+    await resizeFile(s, s.host, offsetBytes, prealloc);
     return;
   }
-  await resizeFile(s.fh, s.host, offsetBytes, prealloc);
-}
-
-/** Grows or shrinks an open file with a preallocation mode (handle_aiocb_truncate). */
-async function resizeFile(fh: fs.promises.FileHandle, host: HostIo, sizeBytes: number, prealloc: Prealloc) {
-  const current = (await fh.stat()).size;
-  if (prealloc === 'metadata') {
-    throw new BlockError('ENOTSUP', "Unsupported preallocation mode 'metadata'");
+  if (prealloc !== 'off') {
+    throw new BlockError('ENOTSUP', `Preallocation mode '${prealloc}' unsupported for this non-regular file`);
   }
-  if (prealloc === 'off' || sizeBytes <= current) {
-    await fh.truncate(sizeBytes);
-    return;
-  }
-  if (prealloc === 'falloc') {
-    try {
-      await host.allocate(fh.fd, current, sizeBytes - current);
-    } catch (e) {
-      throw toBlockError(e, 'Could not preallocate new data');
-    }
-    return;
-  }
-  await fh.truncate(sizeBytes);
-  await writeZeroBuffer(fh, current, sizeBytes - current);
-}
-
-async function coCreate(_ctx: unknown, request: { filename: string; opts: Map<string, string> }): Promise<void> {
-  const sizeBytes = alignUp(Number(request.opts.get('size') ?? '0'), SECTOR_BYTES);
-  const prealloc = (request.opts.get('preallocation') ?? 'off') as Prealloc;
-  if (!['off', 'falloc', 'full'].includes(prealloc)) {
-    throw new BlockError('EINVAL', `Invalid parameter '${prealloc}'`);
-  }
-  let fh: fs.promises.FileHandle;
-  try {
-    fh = await fs.promises.open(request.filename, fs.constants.O_RDWR | fs.constants.O_CREAT, 0o644);
-  } catch (e) {
-    throw toBlockError(e, `Could not create '${request.filename}'`);
-  }
-  try {
-    await fh.truncate(0);
-    await resizeFile(fh, loadHostIo(), sizeBytes, prealloc);
-    if (prealloc !== 'full' && sizeBytes > 0) {
-      await writeZeroBuffer(fh, 0, sizeBytes < FIRST_BLOCK_BYTES ? SECTOR_BYTES : FIRST_BLOCK_BYTES);
-    }
-  } catch (e) {
-    throw toBlockError(e, `Could not resize file`);
-  } finally {
-    await fh.close();
-  }
+  const length = s.host.sizeBytes(s.fh.fd);
+  if (offsetBytes !== length && exact) throw new BlockError('ENOTSUP', 'Cannot resize device files');
+  if (offsetBytes > length) throw new BlockError('EINVAL', 'Cannot grow device files');
 }
 
 async function getAllocatedFileSize(node: BlockNode): Promise<number | undefined> {
@@ -213,6 +199,8 @@ export const fileDriver: BlockDriver = {
   protocolName: 'file',
   optionsSchema,
   createOpts: FILE_CREATE_OPTS,
+  strongOptions: ['filename'],
+  getInfo: () => ({}),
   open,
   close,
   getLength,
@@ -223,6 +211,6 @@ export const fileDriver: BlockDriver = {
   coFlushToDisk,
   coBlockStatus,
   coTruncate,
-  coCreate,
+  coCreate: createFile,
   getAllocatedFileSize,
 };

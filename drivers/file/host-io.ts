@@ -1,12 +1,16 @@
 /*
  * Host-file operations Node's fs lacks, behind one interface.
  *
- * The file driver asks three questions fs cannot answer: where is data and
+ * The file driver asks questions fs cannot answer: where is data and
  * where are holes (SEEK_DATA/SEEK_HOLE, for block-status), can a range be
  * deallocated or zeroed without writing a buffer (fallocate PUNCH_HOLE /
  * ZERO_RANGE, for discard and write-zeroes), and how big is a block device
- * (fstat says 0). The optional N-API addon native/hostio.c answers them; it is
- * built at install time by scripts/build-native.mjs and may be missing.
+ * (fstat says 0). For cache.direct=on (O_DIRECT) it needs memory at an
+ * aligned address, which no JS allocation promises, and a way to tell
+ * whether a caller's buffer already is; for create it sets the nocow and
+ * extent-size-hint file attributes. The optional N-API addon native/hostio.c
+ * answers them; it is built at install time by scripts/build-native.mjs and
+ * may be missing.
  *
  * Two implementations of `HostIo`, chosen once per process by loadHostIo():
  *   - the addon, wrapped so every operating error is a BlockError with the
@@ -14,9 +18,13 @@
  *   - fallbackHostIo, pure Node: every byte below EOF is data, the only hole
  *     is the virtual one at EOF, and the fallocate family rejects with
  *     ENOTSUP so the generic layer writes zero buffers or ignores discard.
+ *     It has no aligned memory (alignedBuffer throws ENOTSUP, isAligned says
+ *     false: "not known to be aligned", so O_DIRECT is refused at open), no
+ *     block size (null) and no file attributes (ENOTSUP).
  * Both check arguments identically: fd and byte counts must be non-negative
- * integers (byte counts ≤ 2^53); anything else is a programmer error and
- * throws (sync calls) or rejects (promise calls) with a TypeError.
+ * integers (byte counts ≤ 2^53), alignments powers of two up to 1 MiB;
+ * anything else is a programmer error and throws (sync calls) or rejects
+ * (promise calls) with a TypeError.
  *
  * The choice is memoised in this module: the addon is a process-wide
  * dlopen()ed library, so there is nothing per-node to keep. The environment
@@ -31,6 +39,8 @@ import { createRequire } from 'node:module';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BlockError, toBlockError } from '../../block/errors.js';
+import { isPowerOfTwo } from '../../block/flags.js';
+import { MAX_ALIGNMENT_BYTES, MAX_REQUEST_BYTES } from '../../block/io.js';
 
 /** Operations on an open host file descriptor. Offsets and lengths in bytes. */
 export interface HostIo {
@@ -48,12 +58,28 @@ export interface HostIo {
   allocate(fd: number, offsetBytes: number, lengthBytes: number): Promise<void>;
   /** Size in bytes, including block devices for the addon. */
   sizeBytes(fd: number): number;
+  /** Zero-filled memory whose address is a multiple of alignBytes (freed when collected). */
+  alignedBuffer(bytes: number, alignBytes: number): ArrayBuffer;
+  /** Whether the view's first byte is at a multiple of alignBytes. */
+  isAligned(view: ArrayBufferView | ArrayBuffer, alignBytes: number): boolean;
+  /** Logical block size of a block device (BLKSSZGET); null for files. */
+  logicalBlockBytes(fd: number): number | null;
+  /** Turns off copy-on-write for the file (FS_NOCOW_FL; btrfs); ENOTSUP elsewhere. */
+  setNocow(fd: number): void;
+  /** Sets the file's extent size hint (FS_XFLAG_EXTSIZE; XFS); ENOTSUP where unsupported. */
+  setExtentSizeHint(fd: number, hintBytes: number): void;
 }
 
 /** Largest offset or length a JS number holds exactly; the addon's limit too. */
 const OFFSET_MAX_BYTES = 2 ** 53;
 /** Largest fd the addon accepts (C int). */
 const FD_MAX = 2 ** 31 - 1;
+/** Largest alignedBuffer: the block layer's largest request (the addon's HOSTIO_ALIGNED_BUFFER_MAX_BYTES). */
+export const ALIGNED_BUFFER_MAX_BYTES = MAX_REQUEST_BYTES;
+/** Largest alignment: the block layer's largest request alignment (the addon's HOSTIO_ALIGN_MAX_BYTES). */
+export const ALIGN_MAX_BYTES = MAX_ALIGNMENT_BYTES;
+/** fsx_extsize is 32 bits wide. */
+export const EXTENT_SIZE_HINT_MAX_BYTES = 2 ** 32 - 1;
 const PACKAGE_NAME = 'qemu-block-ts';
 const ADDON_PATH_IN_PACKAGE = path.join('build', 'Release', 'hostio.node');
 /** Directories walked up from this file; dist/drivers/file needs 3. */
@@ -62,7 +88,19 @@ const NO_NATIVE_ENV = 'QEMU_BLOCK_TS_NO_NATIVE';
 
 /** The raw addon: same functions, errors are plain Errors with an errno `.code`. */
 type HostIoAddon = Omit<HostIo, 'native'>;
-const ADDON_FUNCTIONS = ['seekData', 'seekHole', 'punchHole', 'zeroRange', 'allocate', 'sizeBytes'] as const;
+const ADDON_FUNCTIONS = [
+  'seekData',
+  'seekHole',
+  'punchHole',
+  'zeroRange',
+  'allocate',
+  'sizeBytes',
+  'alignedBuffer',
+  'isAligned',
+  'logicalBlockBytes',
+  'setNocow',
+  'setExtentSizeHint',
+] as const;
 
 // ---- argument checks (programmer errors) ---------------------------------
 
@@ -76,6 +114,23 @@ function checkArgs(fd: number, offsetBytes?: number, lengthBytes?: number): void
   checkInteger(fd, FD_MAX, 'fd');
   if (offsetBytes !== undefined) checkInteger(offsetBytes, OFFSET_MAX_BYTES, 'offsetBytes');
   if (lengthBytes !== undefined) checkInteger(lengthBytes, OFFSET_MAX_BYTES, 'lengthBytes');
+}
+
+function checkAlignment(alignBytes: number): void {
+  checkInteger(alignBytes, ALIGN_MAX_BYTES, 'alignBytes');
+  if (!isPowerOfTwo(alignBytes)) throw new TypeError(`host-io: alignBytes must be a power of two, got ${alignBytes}`);
+}
+
+function checkView(view: ArrayBufferView | ArrayBuffer): void {
+  if (!ArrayBuffer.isView(view) && !(view instanceof ArrayBuffer)) {
+    throw new TypeError('host-io: view must be a TypedArray, Buffer, DataView or ArrayBuffer');
+  }
+}
+
+function checkBufferArgs(bytes: number, alignBytes: number): void {
+  checkInteger(bytes, ALIGNED_BUFFER_MAX_BYTES, 'bytes');
+  if (bytes === 0) throw new TypeError('host-io: bytes must be at least 1');
+  checkAlignment(alignBytes);
 }
 
 /** Argument TypeErrors pass through; everything else becomes a BlockError. */
@@ -125,6 +180,28 @@ function wrapAddon(addon: HostIoAddon): HostIo {
       checkArgs(fd);
       return callSync(() => addon.sizeBytes(fd));
     },
+    alignedBuffer(bytes: number, alignBytes: number) {
+      checkBufferArgs(bytes, alignBytes);
+      return callSync(() => addon.alignedBuffer(bytes, alignBytes));
+    },
+    isAligned(view: ArrayBufferView | ArrayBuffer, alignBytes: number) {
+      checkView(view);
+      checkAlignment(alignBytes);
+      return addon.isAligned(view, alignBytes);
+    },
+    logicalBlockBytes(fd: number) {
+      checkArgs(fd);
+      return callSync(() => addon.logicalBlockBytes(fd));
+    },
+    setNocow(fd: number) {
+      checkArgs(fd);
+      callSync(() => addon.setNocow(fd));
+    },
+    setExtentSizeHint(fd: number, hintBytes: number) {
+      checkArgs(fd);
+      checkInteger(hintBytes, EXTENT_SIZE_HINT_MAX_BYTES, 'hintBytes');
+      callSync(() => addon.setExtentSizeHint(fd, hintBytes));
+    },
   });
 }
 
@@ -140,7 +217,7 @@ async function fallocateUnsupported(fd: number, offsetBytes: number, lengthBytes
   throw new BlockError('ENOTSUP');
 }
 
-/** Pure Node: all data below EOF, no fallocate (ENOTSUP), size from fstat. */
+/** Pure Node: all data below EOF, no fallocate, aligned memory or attributes (ENOTSUP), size from fstat. */
 export const fallbackHostIo: HostIo = Object.freeze({
   native: false,
   seekData(fd: number, offsetBytes: number): number | null {
@@ -156,6 +233,28 @@ export const fallbackHostIo: HostIo = Object.freeze({
   zeroRange: fallocateUnsupported,
   allocate: fallocateUnsupported,
   sizeBytes: fstatSizeBytes,
+  alignedBuffer(bytes: number, alignBytes: number): ArrayBuffer {
+    checkBufferArgs(bytes, alignBytes);
+    throw new BlockError('ENOTSUP', 'Aligned memory needs the native hostio addon');
+  },
+  isAligned(view: ArrayBufferView | ArrayBuffer, alignBytes: number): boolean {
+    checkView(view);
+    checkAlignment(alignBytes);
+    return false;
+  },
+  logicalBlockBytes(fd: number): number | null {
+    checkArgs(fd);
+    return null;
+  },
+  setNocow(fd: number): void {
+    checkArgs(fd);
+    throw new BlockError('ENOTSUP');
+  },
+  setExtentSizeHint(fd: number, hintBytes: number): void {
+    checkArgs(fd);
+    checkInteger(hintBytes, EXTENT_SIZE_HINT_MAX_BYTES, 'hintBytes');
+    throw new BlockError('ENOTSUP');
+  },
 });
 
 // ---- loading --------------------------------------------------------------

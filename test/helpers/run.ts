@@ -2,6 +2,7 @@
  * Running our CLIs (the compiled bins in dist/) and the peer tools.
  */
 import { spawn } from 'node:child_process';
+import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -15,7 +16,10 @@ const BINS: Record<string, string> = {
 export interface RunResult {
   stdout: string;
   stderr: string;
+  /** Exit status; 128 + signal number when a signal ended the process (as a shell reports it). */
   code: number;
+  /** The signal that ended the process, if any. */
+  signal?: NodeJS.Signals;
 }
 
 export interface RunOptions {
@@ -44,9 +48,12 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
       resolve({
         stdout: Buffer.concat(out).toString(),
         stderr: Buffer.concat(err).toString(),
-        code: code ?? (signal ? 128 : 1),
+        code: code ?? 128 + (signal ? (os.constants.signals[signal] ?? 0) : 0),
+        ...(signal ? { signal } : {}),
       });
     });
+    // The tool may exit before reading its stdin; that EPIPE is not a test failure.
+    child.stdin.on('error', () => undefined);
     child.stdin.end(opts.input ?? '');
   });
 }

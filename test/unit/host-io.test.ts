@@ -13,14 +13,25 @@
  * write shows as a whole block of data; unwritten extents (from zeroRange or
  * allocate) read as zeros and SEEK_HOLE reports them as holes, so "still
  * allocated" is checked with st_blocks, not with seeks; tmpfs has no
- * FALLOC_FL_ZERO_RANGE and answers ENOTSUP.
+ * FALLOC_FL_ZERO_RANGE and answers ENOTSUP. O_DIRECT on ext4 here wants
+ * 512-byte aligned memory (the disk's logical block size); tmpfs takes
+ * O_DIRECT since Linux 6.6 and checks nothing. ext4 takes FS_IOC_FSSETXATTR
+ * with an extent size (and ignores it) but not FS_NOCOW_FL; tmpfs takes
+ * neither.
  */
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it, vi } from 'vitest';
 import { BlockError } from '../../block/errors.js';
-import { fallbackHostIo, loadHostIo, type HostIo } from '../../drivers/file/host-io.js';
+import {
+  ALIGN_MAX_BYTES,
+  ALIGNED_BUFFER_MAX_BYTES,
+  EXTENT_SIZE_HINT_MAX_BYTES,
+  fallbackHostIo,
+  loadHostIo,
+  type HostIo,
+} from '../../drivers/file/host-io.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -31,6 +42,9 @@ const PATTERN_BYTE = 0xab;
 const STAT_BLOCK_BYTES = 512;
 /** Far above any RLIMIT_NOFILE, so never open, yet a valid C int. */
 const BAD_FD = 2 ** 30;
+const SECTOR_BYTES = 512;
+/** O_DIRECT where the host has it; the O_DIRECT test skips elsewhere. */
+const O_DIRECT = (fs.constants as { O_DIRECT?: number }).O_DIRECT;
 
 const hostIo: HostIo = loadHostIo();
 const forcedFallback = process.env.QEMU_BLOCK_TS_NO_NATIVE === '1';
@@ -123,6 +137,31 @@ function roundUp(value: number, granuleBytes: number): number {
   return Math.ceil(value / granuleBytes) * granuleBytes;
 }
 
+/** null when `fn` returns, else what it threw. */
+function outcomeOf(fn: () => unknown): unknown {
+  try {
+    fn();
+    return null;
+  } catch (e) {
+    return e;
+  }
+}
+
+/** A readable block device, for logicalBlockBytes; null when there is none. */
+function findBlockDevice(): string | null {
+  for (const name of fs.existsSync('/sys/block') ? fs.readdirSync('/sys/block') : []) {
+    const dev = path.join('/dev', name);
+    try {
+      if (!fs.statSync(dev).isBlockDevice()) continue;
+      fs.accessSync(dev, fs.constants.R_OK);
+      return dev;
+    } catch {
+      // missing or unreadable; try the next one
+    }
+  }
+  return null;
+}
+
 function expectBlockError(fn: () => unknown, code: string): void {
   let thrown: unknown;
   try {
@@ -147,8 +186,77 @@ describe('hostio addon', () => {
     expect(hostIo.native, 'build/Release/hostio.node did not load; run `node scripts/build-native.mjs`').toBe(true);
   });
 
+    it.skipIf(skipNative)('alignedBuffer gives zeroed memory at the alignment; isAligned sees it', () => {
+      for (const alignBytes of [8, SECTOR_BYTES, 4 * KiB, 64 * KiB]) {
+        const buffer = hostIo.alignedBuffer(3 * alignBytes, alignBytes);
+        expect(buffer).toBeInstanceOf(ArrayBuffer);
+        expect(buffer.byteLength).toBe(3 * alignBytes);
+        const bytes = new Uint8Array(buffer);
+        expect(isFilled(Buffer.from(buffer), 0)).toBe(true);
+        expect(hostIo.isAligned(bytes, alignBytes)).toBe(true);
+        expect(hostIo.isAligned(buffer, alignBytes)).toBe(true);
+        expect(hostIo.isAligned(bytes.subarray(alignBytes), alignBytes)).toBe(true);
+        expect(hostIo.isAligned(bytes.subarray(1), 2)).toBe(false);
+        expect(hostIo.isAligned(new DataView(buffer, alignBytes / 2), alignBytes)).toBe(false);
+        expect(hostIo.isAligned(Buffer.from(buffer, alignBytes), alignBytes)).toBe(true);
+        expect(hostIo.isAligned(new Uint32Array(buffer, 4), 8)).toBe(false);
+      }
+      expect(hostIo.isAligned(new Uint8Array(100).subarray(3), 1)).toBe(true);
+    });
+
+    it.skipIf(skipNative)('alignedBuffer memory is ordinary, writable memory', () => {
+      const bytes = new Uint8Array(hostIo.alignedBuffer(4 * KiB, 4 * KiB));
+      bytes.fill(PATTERN_BYTE, 100, 200);
+      expect(bytes[99]).toBe(0);
+      expect(bytes[100]).toBe(PATTERN_BYTE);
+      expect(Buffer.from(bytes.buffer).subarray(100, 200).every((b) => b === PATTERN_BYTE)).toBe(true);
+    });
+
   describe.each(FILESYSTEMS)('on $label', ({ dir: parentDir }) => {
     const scratch = useScratchDir(() => parentDir);
+
+    it.skipIf(skipNative || O_DIRECT === undefined)('O_DIRECT reads into alignedBuffer memory', async () => {
+      await withFile(scratch(), 'direct', (fd) => writePattern(fd, 0, 64 * KiB));
+      const fd = fs.openSync(path.join(scratch(), 'direct'), fs.constants.O_RDONLY | O_DIRECT!);
+      try {
+        const aligned = new Uint8Array(hostIo.alignedBuffer(8 * KiB, 4 * KiB));
+        expect(fs.readSync(fd, aligned, 0, 4 * KiB, 4 * KiB)).toBe(4 * KiB);
+        expect(isFilled(Buffer.from(aligned.buffer, 0, 4 * KiB), PATTERN_BYTE)).toBe(true);
+        expect(fs.readSync(fd, aligned.subarray(SECTOR_BYTES), 0, SECTOR_BYTES, 0)).toBe(SECTOR_BYTES);
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
+    it.skipIf(skipNative)('logicalBlockBytes is null for a regular file', async () => {
+      await withFile(scratch(), 'lbs', (fd) => {
+        expect(hostIo.logicalBlockBytes(fd)).toBeNull();
+      });
+    });
+
+    it.skipIf(skipNative)('setNocow succeeds or says ENOTSUP (only btrfs has NOCOW)', async () => {
+      await withFile(scratch(), 'nocow', (fd) => {
+        const outcome = outcomeOf(() => hostIo.setNocow(fd));
+        if (outcome !== null) {
+          expect(outcome).toBeInstanceOf(BlockError);
+          expect((outcome as BlockError).code).toBe('ENOTSUP');
+        }
+      });
+    });
+
+    it.skipIf(skipNative)('setExtentSizeHint succeeds or says ENOTSUP (tmpfs: ENOTSUP for a non-zero hint)', async () => {
+      await withFile(scratch(), 'extsize', (fd) => {
+        for (const hintBytes of [0, 64 * KiB, EXTENT_SIZE_HINT_MAX_BYTES]) {
+          const outcome = outcomeOf(() => hostIo.setExtentSizeHint(fd, hintBytes));
+          if (parentDir === '/dev/shm' && hintBytes > 0) expect(outcome).not.toBeNull();
+          if (outcome !== null) {
+            expect(outcome).toBeInstanceOf(BlockError);
+            expect((outcome as BlockError).code).toBe('ENOTSUP');
+            expect((outcome as BlockError).message).toBe('Operation not supported');
+          }
+        }
+      });
+    });
 
     it.skipIf(skipNative)('seekData/seekHole find the data and hole boundaries', async () => {
       await withFile(scratch(), 'sparse', (fd) => {
@@ -238,6 +346,41 @@ describe('hostio addon', () => {
   describe('errors', () => {
     const scratch = useScratchDir(() => os.tmpdir());
 
+    it.skipIf(skipNative)('logicalBlockBytes of a block device is its sector size', (ctx) => {
+      const device = findBlockDevice();
+      if (device === null) {
+        ctx.skip('no readable block device here');
+        return;
+      }
+      const fd = fs.openSync(device, 'r');
+      try {
+        const sectorBytes = hostIo.logicalBlockBytes(fd);
+        expect(sectorBytes).not.toBeNull();
+        expect([512, 1024, 2048, 4096]).toContain(sectorBytes);
+      } finally {
+        fs.closeSync(fd);
+      }
+    });
+
+    it.skipIf(skipNative)('the ioctls on a bad fd are BlockError EBADF', () => {
+      expectBlockError(() => hostIo.logicalBlockBytes(BAD_FD), 'EBADF');
+      expectBlockError(() => hostIo.setNocow(BAD_FD), 'EBADF');
+      expectBlockError(() => hostIo.setExtentSizeHint(BAD_FD, 0), 'EBADF');
+    });
+
+    it.skipIf(skipNative)('bad sizes, alignments, views and hints are TypeErrors', () => {
+      expect(() => hostIo.alignedBuffer(0, 512)).toThrow(TypeError);
+      expect(() => hostIo.alignedBuffer(ALIGNED_BUFFER_MAX_BYTES + 1, 512)).toThrow(TypeError);
+      expect(() => hostIo.alignedBuffer(4096, 3)).toThrow(TypeError);
+      expect(() => hostIo.alignedBuffer(4096, 0)).toThrow(TypeError);
+      expect(() => hostIo.alignedBuffer(4096, ALIGN_MAX_BYTES * 2)).toThrow(TypeError);
+      expect(() => hostIo.isAligned(new Uint8Array(8), 1000)).toThrow(TypeError);
+      expect(() => hostIo.isAligned(42 as unknown as Uint8Array, 8)).toThrow(TypeError);
+      expect(() => hostIo.setExtentSizeHint(0, EXTENT_SIZE_HINT_MAX_BYTES + 1)).toThrow(TypeError);
+      expect(() => hostIo.setNocow(-1)).toThrow(TypeError);
+      expect(() => hostIo.logicalBlockBytes(1.5)).toThrow(TypeError);
+    });
+
     it.skipIf(skipNative)('a bad fd is BlockError EBADF, sync and async', async () => {
       expectBlockError(() => hostIo.seekData(BAD_FD, 0), 'EBADF');
       expectBlockError(() => hostIo.seekHole(BAD_FD, 0), 'EBADF');
@@ -307,6 +450,19 @@ describe('fallbackHostIo', () => {
       expect(isFilled(readBytes(fd, 0, 8 * KiB), PATTERN_BYTE)).toBe(true);
       expect(fs.fstatSync(fd).size).toBe(8 * KiB);
     });
+  });
+
+  it('has no aligned memory, block size or file attributes', async () => {
+    expectBlockError(() => io.alignedBuffer(4096, 4096), 'ENOTSUP');
+    expect(io.isAligned(new Uint8Array(4096), 1)).toBe(false);
+    await withFile(scratch(), 'attrs', (fd) => {
+      expect(io.logicalBlockBytes(fd)).toBeNull();
+      expectBlockError(() => io.setNocow(fd), 'ENOTSUP');
+      expectBlockError(() => io.setExtentSizeHint(fd, 64 * KiB), 'ENOTSUP');
+    });
+    expect(() => io.alignedBuffer(4096, 3)).toThrow(TypeError);
+    expect(() => io.isAligned(42 as unknown as Uint8Array, 8)).toThrow(TypeError);
+    expect(() => io.setExtentSizeHint(0, -1)).toThrow(TypeError);
   });
 
   it('maps a bad fd to BlockError EBADF and bad arguments to TypeError', async () => {
