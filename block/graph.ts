@@ -53,6 +53,8 @@ export interface OpenImageOptions {
   protocolOptions?: OptionTree;
   /** qemu-img -U: share all permissions with other users of the image. */
   forceShare?: boolean;
+  /** Flags every node of the image inherits unless its options say otherwise (qemu-io's -t, -d). */
+  inherit?: Omit<Inherited, 'readOnly' | 'forceShare' | 'probed'>;
 }
 
 const PROTOCOL_PREFIX = /^([^:/\\]+):/;
@@ -217,16 +219,16 @@ export class BlockGraph {
 
   /** Opens an image the way qemu-img and qemu-io do: filename, optional format. */
   async openImage(filename: string, opts: OpenImageOptions = {}): Promise<BlockNode> {
-    const inherit: Inherited = { readOnly: opts.readOnly ?? false, forceShare: opts.forceShare };
+    const inherit: Inherited = { ...opts.inherit, readOnly: opts.readOnly ?? false, forceShare: opts.forceShare };
     if (filename.startsWith(JSON_FILENAME_PREFIX)) {
       const tree: OptionTree = { ...parseJsonFilename(filename), ...opts.options };
-      if (opts.format) tree.driver = opts.format;
+      if (opts.format !== undefined) tree.driver = opts.format;
       return this.openOptions(tree, inherit);
     }
     const protocol = this.protocolFor(filename);
     const protocolSpec: OptionTree = { driver: protocol.name, filename, ...opts.protocolOptions };
     if (opts.format === protocol.name) return this.openNode({ ...protocolSpec, ...opts.options }, inherit);
-    if (opts.format) {
+    if (opts.format !== undefined) {
       this.driver(opts.format);
       return this.openNode({ driver: opts.format, file: protocolSpec, ...opts.options }, inherit);
     }

@@ -146,7 +146,8 @@ function issueMessage(error: z.ZodError, describeUnknown: (key: string) => strin
     const prefix = issue.path.length ? `${issue.path.join('.')}.` : '';
     return describeUnknown(prefix + issue.keys[0]);
   }
-  if (issue.code === 'custom' || issue.message.startsWith('Parameter')) return issue.message;
+  // A schema's own message (given with `error:`) wins over the generic texts below.
+  if (issue.code === 'custom' || !issue.message.startsWith('Invalid input')) return issue.message;
   const key = issue.path.join('.');
   if (issue.code === 'invalid_type' && issue.input === undefined) return `Parameter '${key}' is required`;
   return `Invalid parameter type for '${key}', expected: ${issue.code === 'invalid_type' ? issue.expected : 'valid value'}`;

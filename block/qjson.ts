@@ -92,7 +92,8 @@ function escapeCodePoint(cp: number): string {
 
 /** A number as QEMU prints a QNum: integers exactly, doubles with "%.17g". */
 export function formatNumber(n: number | bigint): string {
-  if (typeof n === 'bigint' || Number.isInteger(n)) return n.toString();
+  if (typeof n === 'bigint') return n.toString();
+  if (Number.isInteger(n)) return BigInt(n).toString();
   assert(Number.isFinite(n), 'JSON cannot carry inf or nan');
   const sign = n < 0 ? '-' : '';
   const [num, den] = exactFraction(Math.abs(n));

@@ -1,11 +1,19 @@
 /*
- * What every command-line tool here shares: how errors reach the user.
+ * What every command-line tool here shares: where text goes and how errors
+ * and warnings reach the user.
  *
  * QEMU's tools print `prog: message` on stderr and exit 1 (usage errors add
  * "Try 'prog --help' for more information"). A user error is never a stack
  * trace: `runMain` turns CliError and BlockError into that one line with the
  * right exit status; anything else is a bug and is reported as one line too,
- * with the stack only when QEMU_BLOCK_TS_DEBUG=1.
+ * with the stack only when QEMU_BLOCK_TS_DEBUG=1. Block-layer warnings are
+ * warn_report's `prog: warning: message`, except the few QEMU prints with
+ * fprintf (raw's probing WARNING), which come verbatim.
+ *
+ * Both tools ignore SIGPIPE in QEMU and never check printf, so when the
+ * reader of stdout goes away (`| head`) the command runs to its end and
+ * exits with its own status. `processOutput` does the same: after a failed
+ * write to stdout (EPIPE, or any other error) stdout output is dropped.
  */
 import { BlockError } from '../block/errors.js';
 
@@ -30,6 +38,33 @@ export class CliExit extends Error {
 
 export function usageError(message: string): CliError {
   return new CliError(message, 1, true);
+}
+
+/** Where a tool's text goes (injected, so tests can capture it). */
+export interface Output {
+  stdout(text: string): void;
+  stderr(text: string): void;
+}
+
+/** The process's stdout and stderr; stdout output stops quietly once a write to it has failed. */
+export function processOutput(): Output {
+  let stdoutFailed = false;
+  process.stdout.on('error', () => {
+    stdoutFailed = true;
+  });
+  return {
+    stdout(text) {
+      if (!stdoutFailed) process.stdout.write(text);
+    },
+    stderr(text) {
+      process.stderr.write(text);
+    },
+  };
+}
+
+/** A block-layer warning (BlockGraph.onWarning) as printed: verbatim, or `prog: warning: message`. */
+export function warningText(prog: string, message: string, opts?: { verbatim?: boolean }): string {
+  return opts?.verbatim ? message : `${prog}: warning: ${message}\n`;
 }
 
 /** Writes `prog: message` to stderr (QEMU's error_report). */

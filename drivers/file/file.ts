@@ -47,7 +47,7 @@ interface FileState extends HostFile {
 const state = (node: BlockNode) => node.opaque as FileState;
 
 const optionsSchema = z.object({
-  filename: z.string({ error: "Parameter 'filename' is required" }),
+  filename: z.string({ error: "The 'file' block driver requires a file name" }),
 });
 
 /** O_DIRECT where the host has it (Linux), else undefined. */
