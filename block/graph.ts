@@ -330,6 +330,25 @@ export class BlockGraph {
     if (failure) throw failure;
   }
 
+  /**
+   * Closes every node (bdrv_close_all, as a daemon does on quit): users'
+   * edges are dropped first, then nodes are closed from the top down, so
+   * each is flushed before the nodes under it. Returns the first failure
+   * after closing everything.
+   */
+  async closeAll(): Promise<void> {
+    let failure: unknown = null;
+    for (let round = 0; this.nodes.size > 0 && round <= this.nodes.size + 1; round++) {
+      const roots = [...this.nodes.values()].filter((n) => n.parents.every((e) => !(e.parent instanceof BlockNode)));
+      for (const node of roots) {
+        for (const edge of [...node.parents]) detachChild(edge);
+        node.userOwned = false;
+        await this.closeNode(node).catch((e: unknown) => (failure ??= e));
+      }
+    }
+    if (failure) throw failure;
+  }
+
   // ------------------------------------------------------------ create
 
   /** The `-o` options qemu-img create accepts for a format on a filename. */

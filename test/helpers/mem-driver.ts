@@ -41,9 +41,10 @@ import type { BlockDriver } from '../../block/driver.js';
 import type { BlockLimits, BlockNode } from '../../block/node.js';
 import { zEnum, zInt, zSize } from '../../block/options.js';
 import { BlockBackend, type BackendOptions } from '../../block/backend.js';
-import { BlockGraph } from '../../block/graph.js';
+import type { BlockGraph } from '../../block/graph.js';
 import type { OptionTree } from '../../block/keyval.js';
 import { builtinDrivers } from '../../drivers/index.js';
+import { testGraph } from './graphs.js';
 
 export const MEM_DEFAULT_BYTES = 1 << 20;
 
@@ -243,7 +244,7 @@ export const memDrivers: readonly BlockDriver[] = [memDriver, memDriverBare];
 
 /** A graph with the builtin drivers and both test-mem variants (plus `extra`). */
 export function memGraph(...extra: BlockDriver[]): BlockGraph {
-  return new BlockGraph([...builtinDrivers, ...memDrivers, ...extra]);
+  return testGraph([...builtinDrivers, ...memDrivers, ...extra]);
 }
 
 export interface MemSetup {

@@ -4,10 +4,9 @@ import { describe, expect, it } from 'vitest';
 import { BlockBackend } from '../../block/backend.js';
 import { BlockError } from '../../block/errors.js';
 import { Perm } from '../../block/flags.js';
-import { BlockGraph } from '../../block/graph.js';
 import { attachChild, TransientParent } from '../../block/node.js';
-import { builtinDrivers } from '../../drivers/index.js';
 import { scratchDir } from '../helpers/tmp.js';
+import { testGraph } from '../helpers/graphs.js';
 
 const dir = scratchDir();
 
@@ -29,7 +28,7 @@ async function rejection(p: Promise<unknown>): Promise<BlockError> {
 
 describe('BlockGraph open', () => {
   it('opens raw over file from nested options and names nodes', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const file = rawFile('a.raw', 4096);
     const node = await g.openNode({ driver: 'raw', 'node-name': 'top', file: { driver: 'file', filename: file } });
     expect(node.nodeName).toBe('top');
@@ -42,7 +41,7 @@ describe('BlockGraph open', () => {
   });
 
   it('references an existing node by name as a child', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const proto = await g.openNode({ driver: 'file', 'node-name': 'proto', filename: rawFile('b.raw', 8192) });
     proto.userOwned = true;
     const top = await g.openNode({ driver: 'raw', file: 'proto' });
@@ -50,7 +49,7 @@ describe('BlockGraph open', () => {
   });
 
   it('rejects unknown drivers, keys, bad values and duplicate names with QEMU messages', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const file = rawFile('c.raw', 512);
     expect((await rejection(g.openNode({ driver: 'nosuch' }))).message).toBe("Unknown driver 'nosuch'");
     expect((await rejection(g.openNode({ driver: 'raw', foo: '1', file: { driver: 'file', filename: file } }))).message).toBe(
@@ -72,20 +71,20 @@ describe('BlockGraph open', () => {
   });
 
   it('leaves no node behind when an open fails half-way', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const file = rawFile('d.raw', 1024);
     await rejection(g.openNode({ driver: 'raw', offset: 4096, file: { driver: 'file', filename: file } }));
     expect(g.nodes.size).toBe(0);
   });
 
   it('refuses detect-zeroes=unmap without discard=unmap', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const e = await rejection(g.openNode({ driver: 'file', filename: rawFile('e.raw', 512), 'detect-zeroes': 'unmap' }));
     expect(e.message).toMatch(/detect-zeroes to unmap is not allowed/);
   });
 
   it('children inherit read-only and discard', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const node = await g.openNode({
       driver: 'raw',
       'read-only': true,
@@ -99,7 +98,7 @@ describe('BlockGraph open', () => {
 
 describe('probing', () => {
   it('guesses raw and guards the first sector of a probed raw image', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const file = rawFile('p.raw', 65536);
     const node = await g.openImage(file);
     expect(node.driver.name).toBe('raw');
@@ -116,7 +115,7 @@ describe('probing', () => {
 
 describe('permissions and lifetime', () => {
   it('a read-only node refuses writers, and writes through it fail with EPERM', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const node = await g.openImage(rawFile('ro.raw', 4096), { format: 'raw', readOnly: true });
     expect(() => new BlockBackend(g, node, { writable: true })).toThrow(/read-only/);
     const blk = new BlockBackend(g, node);
@@ -125,7 +124,7 @@ describe('permissions and lifetime', () => {
   });
 
   it('an edge that does not share writes blocks a second writer', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const node = await g.openImage(rawFile('perm.raw', 4096), { format: 'raw' });
     const writer = new BlockBackend(g, node, { writable: true });
     // An exclusive user cannot join while someone writes…
@@ -142,7 +141,7 @@ describe('permissions and lifetime', () => {
   });
 
   it('closing the last backend closes the node and its children', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const node = await g.openImage(rawFile('life.raw', 4096), { format: 'raw' });
     const file = node.file!.node;
     const blk = new BlockBackend(g, node, { writable: true });
@@ -154,7 +153,7 @@ describe('permissions and lifetime', () => {
   });
 
   it('closeNode refuses a node that is still used', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const node = await g.openImage(rawFile('busy.raw', 4096), { format: 'raw' });
     const e = await rejection(g.closeNode(node.file!.node));
     expect(e.code).toBe('EBUSY');
@@ -164,7 +163,7 @@ describe('permissions and lifetime', () => {
 
 describe('option trees, protocols and filenames', () => {
   it('fills child drivers from filenames and probes a tree without driver', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const file = rawFile('tree.raw', 4096);
     const explicit = await g.openOptions({ driver: 'raw', file: { filename: file } });
     expect(explicit.file!.node.driver.name).toBe('file');
@@ -175,7 +174,7 @@ describe('option trees, protocols and filenames', () => {
   });
 
   it('knows protocols by prefix and refuses unknown ones', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     expect(g.protocolFor('null-co://').name).toBe('null-co');
     expect(g.protocolFor('./a:b').name).toBe('file');
     expect(() => g.protocolFor('a:b')).toThrow("Unknown protocol 'a'");
@@ -184,7 +183,7 @@ describe('option trees, protocols and filenames', () => {
   });
 
   it('describes nodes with strong options as QEMU json: filenames', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     const file = rawFile('json.raw', 8192);
     const windowed = await g.openNode({ driver: 'raw', offset: '4096', file: { driver: 'file', filename: file } });
     // QEMU's QDict order puts "offset" before "driver" here (qemu-img info prints the same).
@@ -197,7 +196,7 @@ describe('option trees, protocols and filenames', () => {
   });
 
   it('refuses force-share on a writable node', async () => {
-    const g = new BlockGraph(builtinDrivers);
+    const g = testGraph();
     await expect(g.openNode({ driver: 'file', filename: rawFile('fs.raw', 512), 'force-share': 'on' })).rejects.toThrow(
       'force-share=on can only be used with read-only images',
     );
