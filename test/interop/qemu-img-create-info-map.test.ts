@@ -28,7 +28,6 @@ import { execFile, execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { fileDriver } from '../../drivers/index.js';
 import { missingPeers } from '../helpers/peers.js';
 import { ROOT, type RunResult } from '../helpers/run.js';
 import { scratchDir } from '../helpers/tmp.js';
@@ -36,7 +35,6 @@ import { scratchDir } from '../helpers/tmp.js';
 const OURS_BIN = path.join(ROOT, 'dist/qemu-img-ts/qemu-img.js');
 const GOLDEN_DIR = path.join(ROOT, 'test/golden/qemu-img');
 const UPDATE_GOLDEN = process.env.UPDATE_GOLDEN === '1';
-const FILE_OPTS = new Set((fileDriver.createOpts ?? []).map((o) => o.name));
 
 interface Case {
   args: string[];
@@ -46,8 +44,6 @@ interface Case {
   files?: string[];
   /** Only compare these streams (default: all three and the status). */
   only?: Array<'stdout' | 'stderr' | 'code'>;
-  /** File driver create options the case needs. */
-  needs?: string[];
 }
 
 /** Cases where ours still differs from qemu-img 7.2, and why. */
@@ -116,11 +112,6 @@ function fileFacts(file: string): unknown {
 
 /** Defines one comparison; the name is the key of KNOWN_GAPS. */
 function compare(name: string, c: Case): void {
-  const missing = (c.needs ?? []).filter((o) => !FILE_OPTS.has(o));
-  if (missing.length > 0) {
-    it.skip(`${name} (file driver lacks ${missing.join(', ')})`, () => {});
-    return;
-  }
   const gap = KNOWN_GAPS[name] ?? KNOWN_GAPS[name.replace(/ json$/, '')];
   if (gap) it.fails(`${name} [known gap: ${gap}]`, () => runCase(c));
   else it(name, () => runCase(c));
@@ -204,10 +195,10 @@ describe.skipIf(missingPeers('qemu-img'))('qemu-img-ts vs qemu-img 7.2', () => {
     o('escaped trailing comma', ['preallocation=off,,']);
     o('=x', ['=x']);
     o('size=2M with a size argument', ['size=2M']);
-    o('nocow=on', ['preallocation=falloc', 'nocow=on'], { needs: ['nocow'] });
-    o('nocow=maybe', ['nocow=maybe'], { needs: ['nocow'] });
+    o('nocow=on', ['preallocation=falloc', 'nocow=on']);
+    o('nocow=maybe', ['nocow=maybe']);
     o('nocow (bare)', ['nocow']);
-    o('extent_size_hint=64k,nocow=off', ['extent_size_hint=64k,nocow=off,preallocation=off'], { needs: ['nocow', 'extent_size_hint'] });
+    o('extent_size_hint=64k,nocow=off', ['extent_size_hint=64k,nocow=off,preallocation=off']);
     const s = (name: string, opt: string) => compare(`create -o ${name}`, { args: ['create', '-f', 'raw', '-o', opt, 'e.raw'], files: ['e.raw'] });
     s('size=abc', 'size=abc');
     s('size=-1', 'size=-1');

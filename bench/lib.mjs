@@ -1,0 +1,85 @@
+// Side-by-side benchmark helpers: run each case of a row (ours, the peer)
+// once per round, rounds interleaved so both see the same machine state;
+// report the median wall time, min–max, the per-round ratio's median and
+// each side's peak RSS (GNU time's %M). Nothing here asserts a speed: the
+// numbers are printed and written into the README by hand.
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+export const OURS = {
+  'qemu-img': [process.execPath, path.join(ROOT, 'dist/qemu-img-ts/qemu-img.js')],
+  'qemu-io': [process.execPath, path.join(ROOT, 'dist/qemu-img-ts/qemu-io.js')],
+};
+const GNU_TIME = '/usr/bin/time';
+
+/** Runs argv once under GNU time; returns wall seconds and peak RSS in MiB. */
+export function measure(argv, { input, cwd } = {}) {
+  const t0 = process.hrtime.bigint();
+  const r = spawnSync(GNU_TIME, ['-f', '%M', ...argv], { input, cwd, maxBuffer: 1 << 26 });
+  const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
+  if (r.status !== 0) {
+    throw new Error(`${argv.join(' ')} exited ${r.status}: ${r.stderr.toString().slice(-2000)}`);
+  }
+  const lines = r.stderr.toString().trim().split('\n');
+  const rssMiB = Number(lines[lines.length - 1]) / 1024;
+  return { seconds, rssMiB };
+}
+
+export function median(values) {
+  const v = [...values].sort((a, b) => a - b);
+  const m = v.length >> 1;
+  return v.length % 2 ? v[m] : (v[m - 1] + v[m]) / 2;
+}
+
+/**
+ * rows: [{ name, setup?(round), ours: () => argv|{argv,input}, peer: () => argv|{argv,input} }]
+ * Returns [{ name, ours: {median,min,max,rss}, peer: {...}, ratio }] where
+ * ratio is the median of per-round ours/peer time ratios (< 1: we are faster).
+ */
+export function runRows(rows, rounds) {
+  const samples = rows.map(() => ({ ours: [], peer: [], oursRss: [], peerRss: [], ratios: [] }));
+  for (let round = 0; round < rounds; round++) {
+    rows.forEach((row, i) => {
+      const times = {};
+      for (const side of round % 2 ? ['peer', 'ours'] : ['ours', 'peer']) {
+        row.setup?.(side, round);
+        const spec = row[side]();
+        const { argv, input } = Array.isArray(spec) ? { argv: spec } : spec;
+        const m = measure(argv, { input });
+        samples[i][side].push(m.seconds);
+        samples[i][`${side}Rss`].push(m.rssMiB);
+        times[side] = m.seconds;
+        row.check?.(side, round);
+      }
+      samples[i].ratios.push(times.ours / times.peer);
+    });
+  }
+  return rows.map((row, i) => {
+    const s = samples[i];
+    const side = (t, rss) => ({ median: median(t), min: Math.min(...t), max: Math.max(...t), rss: Math.max(...rss) });
+    return { name: row.name, ours: side(s.ours, s.oursRss), peer: side(s.peer, s.peerRss), ratio: median(s.ratios) };
+  });
+}
+
+/** Prints a Markdown table of runRows' results. */
+export function printTable(title, results, { rounds, unit = 's' } = {}) {
+  const f = (x) => x.toFixed(3);
+  console.log(`\n### ${title}${rounds ? ` (${rounds} interleaved runs each)` : ''}\n`);
+  console.log('| case | ours median (min–max) | peer median (min–max) | ratio ours/peer | peak RSS ours / peer |');
+  console.log('|---|---|---|---|---|');
+  for (const r of results) {
+    console.log(
+      `| ${r.name} | ${f(r.ours.median)} ${unit} (${f(r.ours.min)}–${f(r.ours.max)}) | ${f(r.peer.median)} ${unit} (${f(r.peer.min)}–${f(r.peer.max)}) | ${r.ratio.toFixed(2)} | ${r.ours.rss.toFixed(0)} / ${r.peer.rss.toFixed(0)} MiB |`,
+    );
+  }
+}
+
+/** A scratch directory under `base` (default /dev/shm), removed on exit. */
+export function scratch(base = process.env.BENCH_DIR ?? '/dev/shm', prefix = 'qbt-bench-') {
+  const dir = fs.mkdtempSync(path.join(base, prefix));
+  process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
