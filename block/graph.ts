@@ -41,6 +41,10 @@ export interface Inherited {
   forceShare?: boolean;
   /** The format was probed, not given (raw then guards its first sector). */
   probed?: boolean;
+  /** Host I/O on the calling thread (see OpenFlags.syncIo). */
+  syncIo?: boolean;
+  /** Open the top image without its backing file (BDRV_O_NO_BACKING); not passed to children. */
+  noBacking?: boolean;
 }
 
 export interface OpenImageOptions {
@@ -53,6 +57,8 @@ export interface OpenImageOptions {
   protocolOptions?: OptionTree;
   /** qemu-img -U: share all permissions with other users of the image. */
   forceShare?: boolean;
+  /** Do not open the image's backing file (qemu-img info does not). */
+  noBacking?: boolean;
   /** Flags every node of the image inherits unless its options say otherwise (qemu-io's -t, -d). */
   inherit?: Omit<Inherited, 'readOnly' | 'forceShare' | 'probed'>;
 }
@@ -70,6 +76,11 @@ export class BlockGraph {
    * a few, like raw's probing warning, with fprintf rather than warn_report).
    */
   onWarning: (message: string, opts?: { verbatim?: boolean }) => void = () => {};
+  /**
+   * Default of OpenFlags.syncIo for nodes opened in this graph: tools that
+   * issue one request at a time turn it on; servers leave it off.
+   */
+  syncIo = false;
 
   constructor(drivers: readonly BlockDriver[]) {
     for (const d of drivers) this.drivers.set(d.name, normaliseDriver(d));
@@ -149,6 +160,7 @@ export class BlockGraph {
       detectZeroes,
       direct: base.cache?.direct ?? inherit.direct ?? false,
       noFlush: base.cache?.['no-flush'] ?? inherit.noFlush ?? false,
+      syncIo: inherit.syncIo ?? this.syncIo,
     };
     const readOnly = base['read-only'] ?? inherit.readOnly ?? false;
     if (base['force-share'] && !readOnly) {
@@ -158,6 +170,7 @@ export class BlockGraph {
     const node = new BlockNode(driver, nodeName, name === undefined, readOnly, flags);
     node.forceShare = base['force-share'] ?? inherit.forceShare ?? false;
     node.probed = inherit.probed ?? false;
+    node.noBacking = inherit.noBacking ?? false;
     this.nodes.set(nodeName, node);
     return node;
   }
@@ -176,6 +189,7 @@ export class BlockGraph {
           unmap: node.openFlags.unmap,
           direct: node.openFlags.direct,
           noFlush: node.openFlags.noFlush,
+          syncIo: node.openFlags.syncIo,
           forceShare: base['force-share'] ?? inherit.forceShare,
         };
         const child = await this.openNode(spec, childInherit);
@@ -219,7 +233,12 @@ export class BlockGraph {
 
   /** Opens an image the way qemu-img and qemu-io do: filename, optional format. */
   async openImage(filename: string, opts: OpenImageOptions = {}): Promise<BlockNode> {
-    const inherit: Inherited = { ...opts.inherit, readOnly: opts.readOnly ?? false, forceShare: opts.forceShare };
+    const inherit: Inherited = {
+      ...opts.inherit,
+      readOnly: opts.readOnly ?? false,
+      forceShare: opts.forceShare,
+      noBacking: opts.noBacking,
+    };
     if (filename.startsWith(JSON_FILENAME_PREFIX)) {
       const tree: OptionTree = { ...parseJsonFilename(filename), ...opts.options };
       if (opts.format !== undefined) tree.driver = opts.format;

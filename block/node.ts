@@ -77,6 +77,14 @@ export interface OpenFlags {
   direct: boolean;
   /** cache.no-flush: flushes stop at the OS (cache=unsafe). */
   noFlush: boolean;
+  /**
+   * Host I/O runs synchronously on the calling thread instead of Node's
+   * thread pool. For tools that issue one request at a time (qemu-io-ts,
+   * qemu-img-ts) this saves a thread hand-off per request, which costs more
+   * than the syscall on a page-cache hit. Never for servers: a slow disk
+   * would stall every client. Not a QEMU option; set by the caller.
+   */
+  syncIo: boolean;
 }
 
 /** Something that can hold an edge to a node: a node or a BlockBackend. */
@@ -146,6 +154,8 @@ export class BlockNode implements EdgeParent {
   forceShare = false;
   /** The format was probed rather than given. */
   probed = false;
+  /** Opened without its backing file unless options name one (BDRV_O_NO_BACKING). */
+  noBacking = false;
 
   inFlight = 0;
   quiesceCounter = 0;

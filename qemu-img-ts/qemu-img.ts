@@ -22,6 +22,7 @@ import { Command, Option } from 'commander';
 import { BlockGraph } from '../block/graph.js';
 import { builtinDrivers } from '../drivers/index.js';
 import { processOutput, runMain, usageError, warningText } from './cli-common.js';
+import { checkCommand } from './img/check.js';
 import { PROG, type ImgCommand, type ImgContext } from './img/command.js';
 import { createCommand } from './img/create.js';
 import { GetoptLong } from './img/getopt.js';
@@ -30,7 +31,7 @@ import { mapCommand } from './img/map.js';
 import { ObjectRegistry } from './img/objects.js';
 
 /** The subcommands, in the order the help lists them. */
-const COMMANDS: readonly ImgCommand[] = [createCommand, infoCommand, mapCommand];
+const COMMANDS: readonly ImgCommand[] = [checkCommand, createCommand, infoCommand, mapCommand];
 
 /** Column where the descriptions of the standard options start. */
 const HELP_TERM_COLUMNS = 22;
@@ -83,6 +84,9 @@ function helpText(program: Command, graph: BlockGraph): string {
 async function main(args: string[]): Promise<number> {
   const program = buildProgram();
   const graph = new BlockGraph(builtinDrivers);
+  // Commands issue one request at a time: host I/O on this thread saves a
+  // hand-off per request. A command that overlaps requests turns this off.
+  graph.syncIo = true;
   const output = processOutput();
   graph.onWarning = (message, opts) => output.stderr(warningText(PROG, message, opts));
   const out = (text: string) => output.stdout(text);

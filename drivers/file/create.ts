@@ -82,7 +82,7 @@ export async function createFile(ctx: CreateContext, request: CreateRequest): Pr
   }
   let failed = true;
   try {
-    await resizeFile({ fh, direct: null }, host, 0, 'off');
+    await resizeFile({ fh, direct: null, syncIo: false }, host, 0, 'off');
     if (options.nocow) {
       try {
         host.setNocow(fh.fd);
@@ -97,7 +97,7 @@ export async function createFile(ctx: CreateContext, request: CreateRequest): Pr
         ctx.graph.onWarning(`Failed to set extent size hint: ${toBlockError(e).message}`);
       }
     }
-    await resizeFile({ fh, direct: null }, host, options.sizeBytes, options.prealloc);
+    await resizeFile({ fh, direct: null, syncIo: false }, host, options.sizeBytes, options.prealloc);
     failed = false;
   } finally {
     await fh.close().catch((e: unknown) => {

@@ -31,7 +31,7 @@
  * (QEMU's fallback is the larger of 4 KiB and the page size); NFS's
  * byte-aligned O_DIRECT (QEMU skips the probe there).
  */
-import type fs from 'node:fs';
+import fs from 'node:fs';
 import { BlockError, toBlockError } from '../../block/errors.js';
 import type { HostIo } from './host-io.js';
 
@@ -48,6 +48,24 @@ export const DIRECT_BOUNCES_MAX = 4;
 export interface HostFile {
   fh: fs.promises.FileHandle;
   direct: DirectIo | null;
+  /** Positioned I/O on the calling thread (OpenFlags.syncIo). */
+  syncIo: boolean;
+}
+
+/** One positioned read or write of part of `buf`, returning the bytes moved. */
+type Transfer = (buf: Uint8Array, at: number, bytes: number, offsetBytes: number) => Promise<number>;
+
+function transfers(fh: fs.promises.FileHandle, syncIo: boolean): { read: Transfer; write: Transfer } {
+  if (syncIo) {
+    return {
+      read: async (buf, at, bytes, offsetBytes) => fs.readSync(fh.fd, buf, at, bytes, offsetBytes),
+      write: async (buf, at, bytes, offsetBytes) => fs.writeSync(fh.fd, buf, at, bytes, offsetBytes),
+    };
+  }
+  return {
+    read: async (buf, at, bytes, offsetBytes) => (await fh.read(buf, at, bytes, offsetBytes)).bytesRead,
+    write: async (buf, at, bytes, offsetBytes) => (await fh.write(buf, at, bytes, offsetBytes)).bytesWritten,
+  };
 }
 
 /** Aligned bounce buffers of one O_DIRECT file. */
@@ -97,11 +115,18 @@ function errorCode(e: unknown): unknown {
 }
 
 /** Reads buf.length bytes at offsetBytes into buf; zeroes past end of file. */
-export async function readFull(fh: fs.promises.FileHandle, buf: Uint8Array, offsetBytes: number, direct: boolean) {
+export async function readFull(
+  fh: fs.promises.FileHandle,
+  buf: Uint8Array,
+  offsetBytes: number,
+  direct: boolean,
+  syncIo = false,
+) {
+  const { read } = transfers(fh, syncIo);
   for (let done = 0; done < buf.length; ) {
     let bytesRead: number;
     try {
-      ({ bytesRead } = await fh.read(buf, done, buf.length - done, offsetBytes + done));
+      bytesRead = await read(buf, done, buf.length - done, offsetBytes + done);
     } catch (e) {
       if (!(direct && done > 0 && errorCode(e) === 'EINVAL')) throw toBlockError(e);
       bytesRead = 0;
@@ -115,11 +140,12 @@ export async function readFull(fh: fs.promises.FileHandle, buf: Uint8Array, offs
 }
 
 /** Writes all of buf at offsetBytes. */
-export async function writeFull(fh: fs.promises.FileHandle, buf: Uint8Array, offsetBytes: number) {
+export async function writeFull(fh: fs.promises.FileHandle, buf: Uint8Array, offsetBytes: number, syncIo = false) {
+  const { write } = transfers(fh, syncIo);
   for (let done = 0; done < buf.length; ) {
     let bytesWritten: number;
     try {
-      ({ bytesWritten } = await fh.write(buf, done, buf.length - done, offsetBytes + done));
+      bytesWritten = await write(buf, done, buf.length - done, offsetBytes + done);
     } catch (e) {
       throw toBlockError(e);
     }
@@ -146,27 +172,27 @@ async function throughBounce(
 
 /** Reads into buf at offsetBytes, through a bounce buffer when O_DIRECT needs one. */
 export async function preadHost(file: HostFile, offsetBytes: number, buf: Uint8Array): Promise<void> {
-  const { fh, direct } = file;
+  const { fh, direct, syncIo } = file;
   if (!direct || direct.canUse(buf)) {
-    await readFull(fh, buf, offsetBytes, direct !== null);
+    await readFull(fh, buf, offsetBytes, direct !== null, syncIo);
     return;
   }
   await throughBounce(direct, buf.length, async (chunk, done) => {
-    await readFull(fh, chunk, offsetBytes + done, true);
+    await readFull(fh, chunk, offsetBytes + done, true, syncIo);
     buf.set(chunk, done);
   });
 }
 
 /** Writes buf at offsetBytes, through a bounce buffer when O_DIRECT needs one. */
 export async function pwriteHost(file: HostFile, offsetBytes: number, buf: Uint8Array): Promise<void> {
-  const { fh, direct } = file;
+  const { fh, direct, syncIo } = file;
   if (!direct || direct.canUse(buf)) {
-    await writeFull(fh, buf, offsetBytes);
+    await writeFull(fh, buf, offsetBytes, syncIo);
     return;
   }
   await throughBounce(direct, buf.length, async (chunk, done) => {
     chunk.set(buf.subarray(done, done + chunk.length));
-    await writeFull(fh, chunk, offsetBytes + done);
+    await writeFull(fh, chunk, offsetBytes + done, syncIo);
   });
 }
 

@@ -106,7 +106,7 @@ async function open(node: BlockNode, options: Record<string, unknown>): Promise<
       throw new BlockError('EINVAL', `'file' driver requires '${filename}' to be a regular file`);
     }
     const directIo = direct ? await setUpDirectIo(node, fh, host) : null;
-    node.opaque = { fh, direct: directIo, host, isBlockDevice: st.isBlockDevice() } satisfies FileState;
+    node.opaque = { fh, direct: directIo, host, isBlockDevice: st.isBlockDevice(), syncIo: node.openFlags.syncIo } satisfies FileState;
   } catch (e) {
     await fh.close();
     throw toBlockError(e);
@@ -148,7 +148,9 @@ async function coPdiscard(node: BlockNode, offsetBytes: number, bytes: number): 
 }
 
 async function coFlushToDisk(node: BlockNode): Promise<void> {
-  await state(node).fh.datasync();
+  const s = state(node);
+  if (s.syncIo) fs.fdatasyncSync(s.fh.fd);
+  else await s.fh.datasync();
 }
 
 /** SEEK_DATA/SEEK_HOLE answer (QEMU's find_allocation). */

@@ -46,6 +46,7 @@ async function run(ctx: ImgContext, argv: string[]): Promise<number> {
         imageOpts: top && args.imageOpts,
         forceShare: args.forceShare,
         readOnly: true,
+        noBacking: true,
       });
       return { node, close: () => ctx.graph.unref(node) };
     },

@@ -28,12 +28,14 @@ export interface ImgOpenOptions {
   /** `-U`. */
   forceShare?: boolean;
   readOnly: boolean;
+  /** Leave the backing file closed (qemu-img info's BDRV_O_NO_BACKING). */
+  noBacking?: boolean;
 }
 
 /** Opens an image as qemu-img does; errors carry qemu-img's "Could not open" prefix. */
 export async function imgOpen(graph: BlockGraph, o: ImgOpenOptions): Promise<BlockNode> {
   if (o.imageOpts && o.format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
-  const inherit = { readOnly: o.readOnly, forceShare: o.forceShare };
+  const inherit = { readOnly: o.readOnly, forceShare: o.forceShare, noBacking: o.noBacking };
   try {
     if (o.imageOpts) return await graph.openOptions(imageOptsTree(o.filename, o.forceShare), inherit);
     return await graph.openImage(o.filename, { ...inherit, format: o.format });

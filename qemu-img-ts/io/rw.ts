@@ -121,7 +121,12 @@ async function readF(s: IoSession, argv: string[]): Promise<boolean> {
     return false;
   }
   if (f.vmstate && !sectorAligned(s, offset, count)) return false;
-  const { report, prepare } = readRequest(s, 'read', offset, count, { ...f, checkFrom: patternOffset, checkBytes: patternCount });
+  const { report, prepare } = readRequest(s, 'read', offset, count, {
+    ...f,
+    checkFrom: patternOffset,
+    checkBytes: patternCount,
+    synchronous: true,
+  });
   if (f.vmstate) return requestFailed(s, report, 'ENOTSUP');
   return issueRequest(s, report, prepare);
 }
@@ -133,12 +138,14 @@ export interface ReadOutput {
   pattern: number | null;
   /** The -P window, relative to the offset (default: all of it). */
   checkFrom?: number;
+  /** The command completes before the next starts, so the session's buffer may be reused. */
+  synchronous?: boolean;
   checkBytes?: number;
 }
 
 /** A read into a 0xab-filled buffer, with -P checked over its window and -v dumping it (read, readv, aio_read). */
 export function readRequest(s: IoSession, failWord: string, offset: number, count: number, o: ReadOutput) {
-  let buf = new Uint8Array(0);
+  let buf: Uint8Array = new Uint8Array(0);
   const from = o.checkFrom ?? 0;
   const window = () => buf.subarray(from, from + (o.checkBytes ?? count));
   const report: RequestReport = {
@@ -152,7 +159,7 @@ export function readRequest(s: IoSession, failWord: string, offset: number, coun
     dump: o.dump ? () => dumpBuffer(buf, offset, (text) => s.output.stdout(text)) : undefined,
   };
   const prepare: PrepareRequest = () => {
-    buf = new Uint8Array(count).fill(READ_FILL_BYTE);
+    buf = o.synchronous ? s.syncBuffer(count, READ_FILL_BYTE) : new Uint8Array(count).fill(READ_FILL_BYTE);
     return () => s.backend().pread(offset, buf);
   };
   return { report, prepare };
@@ -303,7 +310,7 @@ async function writeF(s: IoSession, argv: string[]): Promise<boolean> {
   return issueRequest(s, r, () => {
     if (f.zeroes) return () => blk.pwriteZeroes(offset, count, f.req);
     if (f.compressed) return async () => Promise.reject(new BlockError('ENOTSUP'));
-    const buf = source ?? new Uint8Array(count).fill(f.pattern ?? WRITE_FILL_BYTE);
+    const buf = source ?? s.syncBuffer(count, f.pattern ?? WRITE_FILL_BYTE);
     return () => blk.pwrite(offset, buf, f.req & Req.FUA);
   });
 }

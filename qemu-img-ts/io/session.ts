@@ -24,6 +24,9 @@ export const PROG = 'qemu-io';
 
 export type { Output };
 
+/** Largest request whose buffer synchronous commands reuse (bigger ones allocate). */
+export const SCRATCH_MAX_BYTES = 64 << 20;
+
 export class IoSession {
   readonly graph: BlockGraph;
   blk: BlockBackend | null = null;
@@ -35,12 +38,30 @@ export class IoSession {
   /** --image-opts: the image argument, and `open`'s path, are option strings. */
   imageOpts = false;
 
+  /** Memory reused by synchronous commands (see `syncBuffer`). */
+  private scratch: Uint8Array = new Uint8Array(0);
+
   constructor(
     readonly output: Output,
     drivers: readonly BlockDriver[],
   ) {
     this.graph = new BlockGraph(drivers);
+    // One command at a time: host I/O on this thread saves a hand-off per request.
+    this.graph.syncIo = true;
     this.graph.onWarning = (message, opts) => this.output.stderr(warningText(PROG, message, opts));
+  }
+
+  /**
+   * A buffer of `bytes` filled with `fill` (qemu_io_alloc) for a command that
+   * completes before the next one starts (read, write, readv, writev), so
+   * its memory can be reused instead of left to the garbage collector.
+   * Requests above SCRATCH_MAX_BYTES get their own memory; aio_* commands,
+   * whose requests outlive the command, must not use this.
+   */
+  syncBuffer(bytes: number, fill: number): Uint8Array {
+    if (bytes > SCRATCH_MAX_BYTES) return new Uint8Array(bytes).fill(fill);
+    if (this.scratch.length < bytes) this.scratch = Buffer.allocUnsafeSlow(bytes);
+    return this.scratch.subarray(0, bytes).fill(fill);
   }
 
   /** A line on stdout (printf). */

@@ -73,7 +73,7 @@ export function vectorRange(s: IoSession, operands: string[]): { offset: number;
 async function readvF(s: IoSession, argv: string[]): Promise<boolean> {
   const parsed = parseVector(s, readvCommand, argv, 'CP:qv');
   if (!parsed) return false;
-  const { report, prepare } = readRequest(s, 'readv', parsed.offset, parsed.count, parsed.f);
+  const { report, prepare } = readRequest(s, 'readv', parsed.offset, parsed.count, { ...parsed.f, synchronous: true });
   return issueRequest(s, report, prepare);
 }
 
@@ -83,7 +83,7 @@ async function writevF(s: IoSession, argv: string[]): Promise<boolean> {
   const { f, offset, count } = parsed;
   const r: RequestReport = { failWord: 'writev', statsWord: 'wrote', offsetBytes: offset, countBytes: count, csv: f.csv, quiet: f.quiet };
   return issueRequest(s, r, () => {
-    const buf = new Uint8Array(count).fill(f.pattern ?? WRITE_FILL_BYTE);
+    const buf = s.syncBuffer(count, f.pattern ?? WRITE_FILL_BYTE);
     return () => s.backend().pwrite(offset, buf, f.fua ? Req.FUA : 0);
   });
 }
