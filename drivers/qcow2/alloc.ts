@@ -33,22 +33,24 @@
 import { ClusterType, Entry, checkL2Entry, clusterType, entryOffset, l2EntrySuspect, l2ForWrite, needsNewCluster, peekL2 } from './l2.js';
 import { markDirty, needAccurateRefcounts, signalCorruption } from './header-io.js';
 import { allocClusters, freeClusters } from './refcount.js';
-import { DiscardType, type Allocation, type CowSource, type DiscardTypeValue, type InplaceWrite, type Qcow2State } from './state.js';
+import { DiscardType, type Allocation, type InFlight, type CowSource, type DiscardTypeValue, type InplaceWrite, type Qcow2State } from './state.js';
 import type { CacheEntry } from './cache.js';
 import { hex } from './cursor.js';
 
 export type WriteStep =
   | { kind: 'inplace'; hostOffset: number; bytes: number; record: InplaceWrite }
   | { kind: 'alloc'; hostOffset: number; bytes: number; alloc: Allocation }
-  | { kind: 'wait'; on: { waiters: Array<() => void> | null } };
+  | { kind: 'wait'; on: InFlight };
 
-/** Resolves when `on` (an allocation or in-place write) completes. */
-export function waitFor(on: { waiters: Array<() => void> | null }): Promise<void> {
+/** Resolves when `on` (an allocation or in-place write) completes, at once if it has. */
+export function waitFor(on: InFlight): Promise<void> {
+  if (on.done) return Promise.resolve();
   return new Promise((resolve) => (on.waiters ??= []).push(resolve));
 }
 
-function wake(on: { waiters: Array<() => void> | null }): void {
+function wake(on: InFlight): void {
   const waiters = on.waiters;
+  on.done = true;
   on.waiters = null;
   if (waiters) for (const w of waiters) w();
 }
@@ -56,7 +58,7 @@ function wake(on: { waiters: Array<() => void> | null }): void {
 const overlaps = (aStart: number, aEnd: number, bStart: number, bEnd: number) => aStart < bEnd && bStart < aEnd;
 
 /** The in-flight allocation or in-place write touching guest clusters [first, end), if any. */
-export function inflightWrite(s: Qcow2State, first: number, end: number): { waiters: Array<() => void> | null } | undefined {
+export function inflightWrite(s: Qcow2State, first: number, end: number): InFlight | undefined {
   for (const a of s.allocations) {
     const aFirst = a.guestOffset / s.clusterBytes;
     if (overlaps(first, end, aFirst, aFirst + a.clusters)) return a;

@@ -52,10 +52,20 @@ export type CowSource =
   | { kind: 'compressed'; hi: number; lo: number };
 
 /**
+ * A write in flight that other requests may wait for. `done` is set when it
+ * completes, so a waiter that finds it only after it completed (the finder
+ * released the lock, then awaited) does not wait forever.
+ */
+export interface InFlight {
+  waiters: Array<() => void> | null;
+  done?: boolean;
+}
+
+/**
  * An allocation in flight (QEMU's QCowL2Meta): host clusters reserved for
  * guest clusters whose L2 entries are updated once the data is written.
  */
-export interface Allocation {
+export interface Allocation extends InFlight {
   /** Guest offset of the first cluster. */
   guestOffset: number;
   clusters: number;
@@ -70,14 +80,12 @@ export interface Allocation {
   cowEndBytes: number;
   cowStart: CowSource;
   cowEnd: CowSource;
-  waiters: Array<() => void> | null;
 }
 
 /** An in-place write in flight, by guest clusters [first, end). */
-export interface InplaceWrite {
+export interface InplaceWrite extends InFlight {
   firstCluster: number;
   endCluster: number;
-  waiters: Array<() => void> | null;
 }
 
 export interface Qcow2State {

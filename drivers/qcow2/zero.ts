@@ -23,7 +23,7 @@
 import { inflightWrite, freeEntry, waitFor } from './alloc.js';
 import { ClusterType, Entry, clusterType, l2ForWrite } from './l2.js';
 import { processDiscards } from './refcount.js';
-import { DiscardType, type DiscardTypeValue, type Qcow2State } from './state.js';
+import { DiscardType, type DiscardTypeValue, type InFlight, type Qcow2State } from './state.js';
 import { Qcow2Version } from './format.js';
 
 type Rewrite = (hi: number, lo: number) => { hi: number; lo: number; free: boolean } | null;
@@ -64,7 +64,7 @@ async function rewriteInTable(
   rule: Rewrite,
   type: DiscardTypeValue,
   onlyIfZero: boolean,
-): Promise<number | 'busy' | { waiters: Array<() => void> | null }> {
+): Promise<number | 'busy' | InFlight> {
   const index = s.geometry.l2Index(offsetBytes);
   const n = Math.min(clusters, s.geometry.l2Entries - index);
   const table = await l2ForWrite(s, s.geometry.l1Index(offsetBytes));
