@@ -92,8 +92,15 @@ export class Image {
     return this.backend.pread(offsetBytes, buf);
   }
 
-  write(offsetBytes: number, data: Uint8Array, opts: { fua?: boolean } = {}): Promise<void> {
-    return this.backend.pwrite(offsetBytes, data, opts.fua ? Req.FUA : 0);
+  /**
+   * Writes `data`. `compressed` (qcow2): whole clusters from a cluster
+   * boundary (a partial one only at the end of the image) into unallocated
+   * clusters, each stored deflated unless that does not make it smaller; an
+   * empty `data` ends a compressed stream (pads the file to whole sectors).
+   */
+  write(offsetBytes: number, data: Uint8Array, opts: { fua?: boolean; compressed?: boolean } = {}): Promise<void> {
+    const flags = (opts.fua ? Req.FUA : 0) | (opts.compressed ? Req.WRITE_COMPRESSED : 0);
+    return this.backend.pwrite(offsetBytes, data, flags);
   }
 
   /** Zeroes a range; `unmap` lets it be deallocated, `noFallback` fails (ENOTSUP) unless it is fast. */

@@ -10,8 +10,8 @@ import { fileURLToPath } from 'node:url';
 
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
 export const OURS = {
-  'qemu-img': [process.execPath, path.join(ROOT, 'dist/qemu-img-ts/qemu-img.js')],
-  'qemu-io': [process.execPath, path.join(ROOT, 'dist/qemu-img-ts/qemu-io.js')],
+  'qemu-img': [process.execPath, path.join(ROOT, 'dist/bin/qemu-img-ts.mjs')],
+  'qemu-io': [process.execPath, path.join(ROOT, 'dist/bin/qemu-io-ts.mjs')],
 };
 const GNU_TIME = '/usr/bin/time';
 
@@ -81,5 +81,7 @@ export function printTable(title, results, { rounds, unit = 's' } = {}) {
 export function scratch(base = process.env.BENCH_DIR ?? '/dev/shm', prefix = 'qbt-bench-') {
   const dir = fs.mkdtempSync(path.join(base, prefix));
   process.on('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
+  // A bench stopped with Ctrl-C or kill must not leave gigabytes on a tmpfs.
+  for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.once(signal, () => process.exit(130));
   return dir;
 }

@@ -72,13 +72,38 @@ const OPT = { size: 'size', backingFile: 'backing_file', backingFmt: 'backing_fm
 
 /** bdrv_img_create: creates `filename` in `format` (see the note at the top). */
 export async function createImage(graph: BlockGraph, req: CreateImageRequest): Promise<void> {
+  await prepareCreate(graph, req).create();
+}
+
+/** A creation whose options were checked, not yet carried out. */
+export interface PreparedCreate {
+  /** The text of an option as it will be used (`-o` or -b/-F), if set. */
+  option(name: string): string | undefined;
+  create(): Promise<void>;
+}
+
+/**
+ * The checks of bdrv_img_create up to the backing file (format, protocol,
+ * `-o` values, size, -b/-F), so that a caller (qemu-img convert) can make
+ * its own checks before anything is created.
+ */
+export function prepareCreate(graph: BlockGraph, req: CreateImageRequest): PreparedCreate {
   const descs = creatableOptions(graph, req.format, req.filename);
   const values = parseCreateOptions(descs, req.options, (message) => graph.onWarning(message));
-  let size = setSize(values, descs, req.sizeBytes);
+  const given = setSize(values, descs, req.sizeBytes);
   setBacking(values, descs, req);
-  size = await checkBacking(graph, values, descs, req, size);
-  if (size === NO_SIZE) throw new BlockError('EINVAL', 'Image creation needs a size parameter');
-  if (!req.quiet) req.onFormatting?.(formattingLine(req.filename, req.format, descs, values));
+  return {
+    option: (name) => values.get(name)?.text,
+    create: async () => {
+      const size = await checkBacking(graph, values, descs, req, given);
+      if (size === NO_SIZE) throw new BlockError('EINVAL', 'Image creation needs a size parameter');
+      if (!req.quiet) req.onFormatting?.(formattingLine(req.filename, req.format, descs, values));
+      await driverCreate(graph, req, descs, values);
+    },
+  };
+}
+
+async function driverCreate(graph: BlockGraph, req: CreateImageRequest, descs: CreateOptDesc[], values: Map<string, OptValue>) {
   try {
     await graph.createImage(req.format, req.filename, driverOptions(descs, values));
   } catch (e) {
@@ -117,6 +142,20 @@ function parseCreateOptions(
     values.set(name, { desc, text, uint: parseTyped(desc, text, warn) });
   }
   return values;
+}
+
+/**
+ * The `-o` values checked against `descs` as above, by name: sizes and
+ * numbers as unsigned decimals, other values as given (qemu-img measure).
+ */
+export function checkedOptionValues(
+  descs: readonly CreateOptDesc[],
+  options: Iterable<readonly [string, string]>,
+  warn: (message: string) => void,
+): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const [name, v] of parseCreateOptions([...descs], options, warn)) out.set(name, v.uint !== undefined ? String(v.uint) : v.text);
+  return out;
 }
 
 /**
@@ -219,7 +258,7 @@ export function fullBackingFilename(imageFilename: string, backingFile: string):
 }
 
 /** path_has_protocol: a `proto:` prefix before any `/`. */
-function hasProtocol(filename: string): boolean {
+export function hasProtocol(filename: string): boolean {
   const stop = filename.search(/[:/]/);
   return stop >= 0 && filename[stop] === ':';
 }

@@ -8,12 +8,14 @@
  * gives them:
  *
  *   coPwritev        -> EPERM-free ENOTSUP (a read-only driver)
+ *   coPwritevCompressed -> ENOTSUP (no compression)
  *   coPwriteZeroes   -> ENOTSUP, so the gate falls back to zero-buffer writes
  *   coPdiscard       -> ENOTSUP, which the gate treats as "ignored" (a hint)
  *   coFlushToOs/Disk -> nothing to do
  *   coBlockStatus    -> everything is DATA (protocols: at the same offset);
  *                       filters defer to their filtered child
  *   coTruncate       -> ENOTSUP
+ *   makeEmpty, changeBackingFile -> ENOTSUP
  *   getInfo          -> a filter's child's answer, else null (unknown)
  *
  * Contract: the gate calls drivers only with checked, aligned requests:
@@ -28,6 +30,8 @@ import { BlockError } from './errors.js';
 import { Status, type Prealloc } from './flags.js';
 import type { BlockNode, BdrvChild, ChildRoleFlags } from './node.js';
 import type { BlockGraph } from './graph.js';
+import type { MeasureInfo, MeasureRequest } from './measure.js';
+import type { SnapshotCreateRequest, SnapshotInfo, SnapshotReport } from './snapshot.js';
 
 /** What a driver's block status says about [offset, offset + pnum). */
 export interface BlockStatusResult {
@@ -106,6 +110,14 @@ export interface BlockDriver {
   getLength(node: BlockNode): Promise<number>;
   coPreadv(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void>;
   coPwritev?(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void>;
+  /**
+   * Writes `buf` compressed (bdrv_co_pwritev_compressed; Req.WRITE_COMPRESSED
+   * requests). The driver checks its own alignment rules (qcow2: whole
+   * clusters, a partial one only at the image end; EINVAL otherwise). A
+   * zero-length call marks the end of a compressed stream (qcow2 pads its
+   * file to whole sectors). Absent: ENOTSUP.
+   */
+  coPwritevCompressed?(node: BlockNode, offsetBytes: number, buf: Uint8Array): Promise<void>;
   coPwriteZeroes?(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void>;
   coPdiscard?(node: BlockNode, offsetBytes: number, bytes: number): Promise<void>;
   coFlushToOs?(node: BlockNode): Promise<void>;
@@ -120,15 +132,85 @@ export interface BlockDriver {
   getSpecificInfo?(node: BlockNode): SpecificInfo | undefined;
   /** Bytes the image occupies on the host (`actual-size`); undefined if unknown. */
   getAllocatedFileSize?(node: BlockNode): Promise<number | undefined>;
+  /** bdrv_has_zero_init: whether a new image reads as zeroes where nothing was written (absent: no). */
+  hasZeroInit?(node: BlockNode): boolean;
+  /**
+   * bdrv_measure: the host bytes a new image of this format needs, from the
+   * checked `-o` values and, when given, a source image to copy (absent:
+   * "does not support size measurement"; see block/measure.ts).
+   */
+  measure?(request: MeasureRequest): Promise<MeasureInfo>;
+  /**
+   * bdrv_snapshot_load_tmp: a read-only node reads the internal snapshot
+   * with this ID and/or name from now on (ENOENT "Can't find snapshot";
+   * absent: refused, see block/snapshot-tmp.ts).
+   */
+  snapshotLoadTmp?(node: BlockNode, id: string | null, name: string | null): Promise<void>;
+  /** bdrv_snapshot_create: a new internal snapshot of the current content; returns it with its ID. */
+  snapshotCreate?(node: BlockNode, request: SnapshotCreateRequest): Promise<SnapshotInfo>;
+  /**
+   * bdrv_snapshot_goto: the content becomes the snapshot's (found by ID,
+   * else by name). Throws the errno QEMU returns; lines QEMU prints first go
+   * to `report`. Wrapper and fallbacks: block/snapshot.ts.
+   */
+  snapshotGoto?(node: BlockNode, idOrName: string, report: SnapshotReport): Promise<void>;
+  /** bdrv_snapshot_delete: the snapshot matching `id` and `name` (null: any); message and errno as QEMU. */
+  snapshotDelete?(node: BlockNode, id: string | null, name: string | null): Promise<void>;
+  /** bdrv_snapshot_list: the internal snapshots, in table order. */
+  snapshotList?(node: BlockNode): Promise<SnapshotInfo[]>;
+  /** Whether the node carries dirty bitmaps (QEMU then refuses snapshot goto). Absent: none. */
+  hasDirtyBitmaps?(node: BlockNode): boolean;
+  /**
+   * bdrv_make_empty: drops every cluster the image itself allocates, so it
+   * reads through to its backing file (or as zeroes). Called drained, by a
+   * parent holding write permission (block/make-empty.ts). Absent: ENOTSUP
+   * ("<format> does not support emptying nodes").
+   */
+  makeEmpty?(node: BlockNode): Promise<void>;
+  /**
+   * bdrv_change_backing_file: rewrites the backing file name and format the
+   * image stores (null: none), durably, after everything written before it.
+   * The graph is left as it is (the open backing child does not change).
+   * Absent: ENOTSUP.
+   */
+  changeBackingFile?(node: BlockNode, backingFile: string | null, backingFormat: string | null): Promise<void>;
+  /** `qemu-img amend -o` options (amend_opts), in the order `-o help` lists them. Absent: no amendment. */
+  readonly amendOpts?: readonly CreateOptDesc[];
+  /**
+   * bdrv_amend_options: changes the image's format options in place. The
+   * options were checked against `amendOpts` (values as strings, sizes and
+   * numbers in decimal). Throws with QEMU's message. Absent: "Format driver
+   * '<name>' does not support option amendment".
+   */
+  amend?(node: BlockNode, request: AmendRequest): Promise<void>;
 }
+
+/** What bdrv_amend_options gets besides the node. */
+export interface AmendRequest {
+  /** The options the user set, by name (only those: QEMU changes only explicitly given ones). */
+  options: ReadonlyMap<string, string>;
+  /** `--force` (LUKS key-slot operations in QEMU). */
+  force: boolean;
+  /** Reports progress: `done` of `total` work units (amend_status_cb). */
+  progress(done: number, total: number): void;
+  /** Resizes the image through a parent holding resize permission (exact, no preallocation). */
+  resize(sizeBytes: number): Promise<void>;
+}
+
+/** Optional members only block/snapshot.ts calls (it supplies what a driver lacks). */
+type SnapshotMember = 'snapshotCreate' | 'snapshotGoto' | 'snapshotDelete' | 'snapshotList' | 'hasDirtyBitmaps';
+/** Optional members only qemu-img amend uses (it reports what a driver lacks). */
+type AmendMember = 'amend' | 'amendOpts';
 
 /** A driver with every method present (see the note at the top). */
 export type NormalisedDriver = Required<
-  Omit<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize'>
+  Omit<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize' | 'measure' | 'snapshotLoadTmp' | SnapshotMember | AmendMember>
 > &
-  Pick<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize'> & {
+  Pick<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize' | 'measure' | 'snapshotLoadTmp' | SnapshotMember | AmendMember> & {
     readonly has: {
       readonly pwritev: boolean;
+      /** block_driver_can_compress: the driver takes Req.WRITE_COMPRESSED writes. */
+      readonly pwritevCompressed: boolean;
       readonly pwriteZeroes: boolean;
       readonly pdiscard: boolean;
       readonly blockStatus: boolean;
@@ -149,6 +231,7 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     supportsBacking: d.supportsBacking ?? false,
     close: d.close ?? nothing,
     coPwritev: d.coPwritev ?? notSupported(`driver '${d.name}' cannot write`),
+    coPwritevCompressed: d.coPwritevCompressed ?? notSupported('Compressed write'),
     coPwriteZeroes: d.coPwriteZeroes ?? notSupported('write zeroes'),
     coPdiscard: d.coPdiscard ?? notSupported('discard'),
     coFlushToOs: d.coFlushToOs ?? nothing,
@@ -157,13 +240,25 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     coTruncate: d.coTruncate ?? notSupported(`Image format driver '${d.name}' does not support resize`),
     getInfo: d.getInfo ?? defaultGetInfo(d),
     getSpecificInfo: d.getSpecificInfo ?? (() => undefined),
+    hasZeroInit: d.hasZeroInit ?? defaultHasZeroInit(d),
+    makeEmpty: d.makeEmpty ?? notSupported(`${d.name} does not support emptying nodes`),
+    changeBackingFile: d.changeBackingFile ?? notSupported(`Driver '${d.name}' cannot change the backing file`),
     has: {
       pwritev: d.coPwritev !== undefined,
+      pwritevCompressed: d.coPwritevCompressed !== undefined,
       pwriteZeroes: d.coPwriteZeroes !== undefined,
       pdiscard: d.coPdiscard !== undefined,
       blockStatus: d.coBlockStatus !== undefined,
       truncate: d.coTruncate !== undefined,
     },
+  };
+}
+
+/** Drivers without has_zero_init: a filter answers for its child, anything else says no. */
+function defaultHasZeroInit(d: BlockDriver): NonNullable<BlockDriver['hasZeroInit']> {
+  return (node) => {
+    const filtered = d.isFilter ? node.filteredChild : null;
+    return filtered ? filtered.node.driver.hasZeroInit(filtered.node) : false;
   };
 }
 

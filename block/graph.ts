@@ -163,12 +163,13 @@ export class BlockGraph {
       syncIo: inherit.syncIo ?? this.syncIo,
     };
     const readOnly = base['read-only'] ?? inherit.readOnly ?? false;
-    if (base['force-share'] && !readOnly) {
+    const forceShare = base['force-share'] ?? inherit.forceShare ?? false;
+    if (forceShare && !readOnly) {
       throw new BlockError('EINVAL', 'force-share=on can only be used with read-only images');
     }
     const nodeName = name ?? `#block${String(++this.autoNames).padStart(3, '0')}`;
     const node = new BlockNode(driver, nodeName, name === undefined, readOnly, flags);
-    node.forceShare = base['force-share'] ?? inherit.forceShare ?? false;
+    node.forceShare = forceShare;
     node.probed = inherit.probed ?? false;
     node.noBacking = inherit.noBacking ?? false;
     this.nodes.set(nodeName, node);
@@ -186,7 +187,9 @@ export class BlockGraph {
         }
         const childInherit: Inherited = {
           readOnly: role & ChildRole.COW ? true : node.readOnly,
-          unmap: node.openFlags.unmap,
+          // bdrv_inherited_options: children default to discard=unmap, whatever the
+          // parent says (the parent's gate applies its own policy to its requests).
+          unmap: true,
           direct: node.openFlags.direct,
           noFlush: node.openFlags.noFlush,
           syncIo: node.openFlags.syncIo,
@@ -263,7 +266,8 @@ export class BlockGraph {
     this.fillChildDrivers(tree);
     if (tree.driver !== undefined) return this.openNode(tree, inherit);
     if (tree.file === undefined) throw new BlockError('EINVAL', 'Must specify either driver or file');
-    const file = await this.openNode(tree.file as BlockdevRef, inherit);
+    // The protocol node becomes the format's `file` child: it inherits as one (discard=unmap).
+    const file = await this.openNode(tree.file as BlockdevRef, { ...inherit, unmap: true });
     try {
       const format = await this.probeFormat(file, file.filename);
       return await this.openNode({ ...tree, driver: format, file: file.nodeName }, { ...inherit, probed: true });

@@ -11,13 +11,14 @@
  * block/qjson.ts), not in schema order. The object is built in that
  * order — for every key ImageInfo can have — so that a program printing it
  * with JSON.stringify sees what qemu-img prints:
- *   backing-filename-format, virtual-size, filename, cluster-size, format,
- *   actual-size, format-specific, full-backing-filename, encrypted,
- *   backing-filename, dirty-flag.
+ *   snapshots, backing-filename-format, virtual-size, filename,
+ *   cluster-size, format, actual-size, format-specific,
+ *   full-backing-filename, encrypted, backing-filename, dirty-flag.
  *
  * `dirty-flag` is present whenever the driver answers get_info; QEMU leaves
- * it out for drivers that cannot (null-co, and raw over null-co). Snapshots and `encrypted` wait for drivers that
- * have them.
+ * it out for drivers that cannot (null-co, and raw over null-co). `encrypted` waits for drivers that
+ * have it. `snapshots` (block/snapshot.ts) is present when the image has
+ * internal snapshots.
  *
  * Backing files: a format with a backing file reports, through getInfo(),
  * the name stored in the image and its format (`DriverBackingInfo`); the
@@ -29,9 +30,11 @@ import { BlockError } from './errors.js';
 import type { DriverInfo, SpecificInfo } from './driver.js';
 import { ChildRole, type BlockNode } from './node.js';
 import { fullBackingFilename } from './create.js';
+import { querySnapshotInfoList, type SnapshotInfoQapi } from './snapshot.js';
 
 /** QAPI ImageInfo, members in qemu-img 7.2's JSON order (absent = not reported). */
 export interface ImageInfo {
+  snapshots?: SnapshotInfoQapi[];
   'backing-filename-format'?: string;
   'virtual-size': number;
   filename: string;
@@ -59,6 +62,7 @@ export async function queryImageInfo(node: BlockNode): Promise<ImageInfo> {
   const driverInfo = answer ?? {};
   const backing = driverInfo.backingFile ? driverInfo : undefined;
   const info: ImageInfo = {
+    snapshots: await querySnapshotInfoList(node),
     'backing-filename-format': backing?.backingFormat || undefined,
     'virtual-size': node.totalBytes,
     filename: node.filename,

@@ -19,8 +19,10 @@
  *      at once when the node cannot zero natively or the request is
  *      unaligned); MAY_UNMAP is dropped unless the node was opened with
  *      discard=unmap; FUA -> write, then one flush at the end when the
- *      driver lacks FUA; discard is a hint (ignored when not enabled,
- *      unsupported or ENOTSUP); detect-zeroes turns all-zero writes into
+ *      driver lacks FUA; compressed writes (WRITE_COMPRESSED) go to the
+ *      driver's coPwritevCompressed, or fail with ENOTSUP; discard is a
+ *      hint (ignored when not enabled, unsupported or ENOTSUP);
+ *      detect-zeroes turns all-zero writes (compressed ones too) into
  *      write-zeroes;
  *   6. bumps the write generation when the driver calls return (before an
  *      emulated FUA flush, which must see the write as unflushed; a flush
@@ -149,7 +151,7 @@ async function alignedPreadv(node: BlockNode, offsetBytes: number, buf: Uint8Arr
 /** Writes `buf` at `offsetBytes` through the edge. */
 export async function pwritev(child: BdrvChild, offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
   checkWrite(child, offsetBytes, buf.length);
-  if (buf.length === 0) return;
+  if (buf.length === 0 && !(flags & Req.WRITE_COMPRESSED && isAligned(offsetBytes, child.node.limits.requestAlignment))) return;
   const node = child.node;
   await inRequest(node, offsetBytes, buf.length, async (req) => {
     const align = node.limits.requestAlignment;
@@ -227,10 +229,24 @@ async function alignedWrite(
 
 /** Splits a write by maxTransfer; returns whether FUA must be emulated by a flush. */
 async function driverPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<boolean> {
+  if (flags & Req.WRITE_COMPRESSED) return driverPwritevCompressed(node, offsetBytes, buf);
   const driverFlags = flags & node.supportedWriteFlags & ~Req.ZERO_WRITE;
   const chunk = maxChunk(node.limits.maxTransfer, node.limits.requestAlignment);
   await forEachChunk(offsetBytes, buf, chunk, (o, b) => node.driver.coPwritev(node, o, b, driverFlags));
   return (flags & Req.FUA) !== 0 && !(node.supportedWriteFlags & Req.FUA);
+}
+
+/**
+ * A compressed write (bdrv_driver_pwritev_compressed): ENOTSUP unless the
+ * driver compresses; not split by maxTransfer (the driver keeps its own
+ * alignment rules), only by MAX_REQUEST_BYTES, a multiple of any cluster;
+ * a zero-length one reaches the driver too. As in QEMU, FUA is not
+ * honoured (no flush is emulated).
+ */
+async function driverPwritevCompressed(node: BlockNode, offsetBytes: number, buf: Uint8Array): Promise<boolean> {
+  if (buf.length === 0) await node.driver.coPwritevCompressed(node, offsetBytes, buf);
+  await forEachChunk(offsetBytes, buf, MAX_REQUEST_BYTES, (o, b) => node.driver.coPwritevCompressed(node, o, b));
+  return false;
 }
 
 // ---------------------------------------------------------------- write zeroes
@@ -451,7 +467,9 @@ async function flushOnce(node: BlockNode, generation: number): Promise<void> {
 /**
  * Resizes the node to `offsetBytes` (bdrv_co_truncate). Filters without
  * their own truncate pass it to their child. The cached length is refreshed
- * from the driver afterwards.
+ * from the driver afterwards. Growing a node whose backing file is longer
+ * than its old length adds Req.ZERO_WRITE, as QEMU does: the driver makes
+ * the new area read as zeroes instead of the backing file's data.
  */
 export async function truncate(
   child: BdrvChild,
@@ -469,6 +487,9 @@ export async function truncate(
   if (node.readOnly) throw new BlockError('EACCES', 'Image is read-only');
   if (!(child.perm & Perm.RESIZE)) throw new BlockError('EPERM', `No permission to resize ${node.describe()}`);
   const oldBytes = node.totalBytes;
+  // Growing past a backing file's end would show its data: the new area must read as zeroes.
+  const backing = node.backing;
+  if (offsetBytes > oldBytes && backing && backing.node.totalBytes > oldBytes) flags |= Req.ZERO_WRITE;
   const low = Math.min(oldBytes, offsetBytes);
   await inRequest(node, low, Math.max(oldBytes, offsetBytes) - low, async (req) => {
     markSerialising(node, req, 1);

@@ -20,6 +20,7 @@ import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
 import { zBlockdevRef, zSize } from '../block/options.js';
 import type { BlockDriver, CreateOptDesc } from '../block/driver.js';
 import type { BlockGraph } from '../block/graph.js';
+import { optUint, roundUpBig, type MeasureInfo, type MeasureRequest } from '../block/measure.js';
 
 /** Bytes at the start of a probed raw image guarded against format changes. */
 export const PROBE_GUARD_BYTES = 512;
@@ -92,6 +93,12 @@ function guardProbedWrite(node: BlockNode, offsetBytes: number, buf: Uint8Array)
   }
 }
 
+/** raw_measure: the file is the image: the source's length, else `size` in whole sectors, allocated or not. */
+async function measure({ opts, source }: MeasureRequest): Promise<MeasureInfo> {
+  const bytes = source ? BigInt(source.totalBytes) : roundUpBig(optUint(opts, 'size', 0n), BigInt(SECTOR_BYTES));
+  return { required: bytes, fullyAllocated: bytes };
+}
+
 export const rawDriver: BlockDriver = {
   name: 'raw',
   isFormat: true,
@@ -122,4 +129,6 @@ export const rawDriver: BlockDriver = {
   coCreate: (ctx, request) => ctx.graph.createFile(request.filename, request.opts),
   probe: () => 1,
   getInfo: (node) => state(node).file.node.driver.getInfo(state(node).file.node),
+  hasZeroInit: (node) => state(node).file.node.driver.hasZeroInit(state(node).file.node),
+  measure,
 };

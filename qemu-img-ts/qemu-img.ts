@@ -22,16 +22,25 @@ import { Command, Option } from 'commander';
 import { BlockGraph } from '../block/graph.js';
 import { builtinDrivers } from '../drivers/index.js';
 import { processOutput, runMain, usageError, warningText } from './cli-common.js';
+import { amendCommand } from './img/amend.js';
 import { checkCommand } from './img/check.js';
+import { commitCommand } from './img/commit.js';
+import { compareCommand } from './img/compare.js';
+import { convertCommand } from './img/convert.js';
 import { PROG, type ImgCommand, type ImgContext } from './img/command.js';
 import { createCommand } from './img/create.js';
+import { ddCommand } from './img/dd.js';
 import { GetoptLong } from './img/getopt.js';
 import { infoCommand } from './img/info.js';
 import { mapCommand } from './img/map.js';
+import { measureCommand } from './img/measure.js';
 import { ObjectRegistry } from './img/objects.js';
+import { snapshotCommand } from './img/snapshot.js';
+import { rebaseCommand } from './img/rebase.js';
+import { resizeCommand } from './img/resize.js';
 
 /** The subcommands, in the order the help lists them. */
-const COMMANDS: readonly ImgCommand[] = [checkCommand, createCommand, infoCommand, mapCommand];
+const COMMANDS: readonly ImgCommand[] = [amendCommand, checkCommand, commitCommand, compareCommand, convertCommand, createCommand, ddCommand, infoCommand, mapCommand, measureCommand, snapshotCommand, rebaseCommand, resizeCommand];
 
 /** Column where the descriptions of the standard options start. */
 const HELP_TERM_COLUMNS = 22;

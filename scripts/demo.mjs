@@ -13,7 +13,7 @@ const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'qemu-block-ts-demo-'));
 const image = path.join(dir, 'disk.raw');
 
 function tool(name, args) {
-  const bin = path.join(root, 'dist', 'qemu-img-ts', `${name}.js`);
+  const bin = path.join(root, 'dist', 'bin', `${name}-ts.mjs`);
   console.log(`\n$ ${name}-ts ${args.map((a) => (/\s/.test(a) ? `'${a}'` : a)).join(' ')}`);
   const r = spawnSync(process.execPath, [bin, ...args], { cwd: dir, encoding: 'utf8' });
   process.stdout.write(r.stdout);

@@ -215,4 +215,6 @@ export const fileDriver: BlockDriver = {
   coTruncate,
   coCreate: createFile,
   getAllocatedFileSize,
+  // A new regular file reads as zeroes (file-posix's bdrv_has_zero_init_1); a device need not.
+  hasZeroInit: (node) => !(node.opaque as FileState).isBlockDevice,
 };

@@ -53,11 +53,15 @@ export interface DirBitmap {
   tableOffset: number;
   tableEntries: number;
   flags: number;
+  granularityBits: number;
   name: string;
 }
 
+/** What reading the directory needs of the image (a CheckState, or an open image's parts). */
+export type BitmapDirectorySource = Pick<CheckState, 'image' | 'file' | 'geometry' | 'header'>;
+
 /** bitmap_list_load: the directory, or QEMU's message. */
-export async function loadBitmapDirectory(s: CheckState): Promise<DirBitmap[] | string> {
+export async function loadBitmapDirectory(s: BitmapDirectorySource): Promise<DirBitmap[] | string> {
   const ext = s.image.extensions.bitmaps!;
   if (ext.directoryBytes === 0) return 'Requested bitmap directory size is zero';
   if (ext.directoryBytes > Limits.MAX_BITMAP_DIRECTORY_BYTES) return 'Requested bitmap directory size is too big';
@@ -81,7 +85,7 @@ export async function loadBitmapDirectory(s: CheckState): Promise<DirBitmap[] | 
     const name = Buffer.from(dir.subarray(nameAt, nameAt + entry.nameBytes)).toString('utf8');
     if (entry.extraBytes !== 0) return 'Bitmap extra data is not supported';
     if (!dirEntryValid(s, entry)) return `Bitmap '${name.split('\0')[0]}' doesn't satisfy the constraints`;
-    list.push({ tableOffset: Number(entry.tableOffset), tableEntries: entry.tableEntries, flags: entry.flags, name });
+    list.push({ tableOffset: Number(entry.tableOffset), tableEntries: entry.tableEntries, flags: entry.flags, granularityBits: entry.granularityBits, name });
     at = next;
   }
   if (list.length !== ext.bitmapCount) return 'Less bitmaps found than specified in header extension';
@@ -98,7 +102,7 @@ interface RawDirEntry {
 }
 
 /** check_dir_entry. */
-function dirEntryValid(s: CheckState, e: RawDirEntry): boolean {
+function dirEntryValid(s: BitmapDirectorySource, e: RawDirEntry): boolean {
   const cs = BigInt(s.geometry.clusterBytes);
   if (e.tableEntries === 0 || e.tableOffset === 0n || e.tableOffset % cs !== 0n || e.tableEntries > BME.MAX_TABLE_SIZE) return false;
   if (e.granularityBits > BME.MAX_GRANULARITY_BITS || e.granularityBits < BME.MIN_GRANULARITY_BITS) return false;

@@ -27,6 +27,7 @@ import { CheckAbort, errnoOf, readAt, type CheckFix, type CheckResult } from './
 import type { CheckSnapshot, CheckState } from './check-state.js';
 import { ByteReader, decodeCString } from './cursor.js';
 import { Limits, Qcow2Version, SNAPSHOT_HEADER_BYTES } from './format.js';
+import { ChunkedReader } from './snapshot-table.js';
 
 /** QCOW_MAX_SNAPSHOT_EXTRA_DATA. */
 const MAX_EXTRA_DATA_BYTES = 1024;
@@ -39,8 +40,6 @@ const V3_MIN_EXTRA_DATA_BYTES = 16;
 /** Header offset of nb_snapshots (followed by snapshots_offset). */
 const NB_SNAPSHOTS_FIELD = 60;
 const INT_MAX = 0x7fffffff;
-/** The table is read through a buffer of this size. */
-const READ_CHUNK_BYTES = 0x10000;
 
 /** qcow2_check_read_snapshot_table: fills `s.snapshots`; throws CheckAbort when the check must stop. */
 export async function checkReadSnapshotTable(s: CheckState, res: CheckResult, fix: CheckFix): Promise<void> {
@@ -147,7 +146,11 @@ interface SnapshotsRead {
  * a second line), or the I/O error.
  */
 async function readSnapshots(s: CheckState, tableOffset: number, count: number, repair: boolean): Promise<SnapshotsRead | string | BlockError> {
-  const input = new TableReader(s, tableOffset);
+  const input = new ChunkedReader(async (offsetBytes, bytes) => {
+    const buf = new Uint8Array(bytes);
+    await readAt(s.file, offsetBytes, buf);
+    return buf;
+  }, tableOffset);
   const out: SnapshotsRead = { snapshots: [], bytes: 0, dropped: 0, extraDropped: 0 };
   let tableBytes = 0;
   try {
@@ -175,7 +178,7 @@ async function readSnapshots(s: CheckState, tableOffset: number, count: number, 
   return out;
 }
 
-async function readEntry(s: CheckState, input: TableReader, i: number, repair: boolean, out: SnapshotsRead) {
+async function readEntry(s: CheckState, input: ChunkedReader, i: number, repair: boolean, out: SnapshotsRead) {
   const h = new ByteReader(await input.take(SNAPSHOT_HEADER_BYTES));
   const l1TableOffset = h.u64();
   const l1Entries = h.u32();
@@ -200,25 +203,4 @@ async function readEntry(s: CheckState, input: TableReader, i: number, repair: b
   const idStr = decodeCString(await input.take(idBytes));
   const name = decodeCString(await input.take(nameBytes));
   return { snapshot: { l1TableOffset, l1Entries, idStr, name, extraDataBytes }, extraDataBytes, idBytes, nameBytes };
-}
-
-/** Sequential reads of the snapshot table through one buffer (zeros past the end of the file). */
-class TableReader {
-  private buf = new Uint8Array(0);
-  private bufAt = 0;
-
-  constructor(
-    private readonly s: CheckState,
-    public offset: number,
-  ) {}
-
-  async take(bytes: number): Promise<Uint8Array> {
-    const at = this.offset;
-    this.offset += bytes;
-    if (at >= this.bufAt && at + bytes <= this.bufAt + this.buf.length) return this.buf.subarray(at - this.bufAt, at - this.bufAt + bytes);
-    this.buf = new Uint8Array(Math.max(bytes, READ_CHUNK_BYTES));
-    this.bufAt = at;
-    await readAt(this.s.file, at, this.buf);
-    return this.buf.subarray(0, bytes);
-  }
 }

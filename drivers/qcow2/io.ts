@@ -93,7 +93,7 @@ export async function readGuest(s: Qcow2State, offsetBytes: number, buf: Uint8Ar
 }
 
 /** Clears the bitmaps autoclear bit before the first guest write: bitmaps are not kept up to date here. */
-async function beforeGuestWrite(s: Qcow2State): Promise<void> {
+export async function beforeGuestWrite(s: Qcow2State): Promise<void> {
   checkUsable(s);
   if (!(s.image.header.autoclearFeatures & Autoclear.BITMAPS)) return;
   await s.lock.run(() => clearBitmapsBit(s));

@@ -41,7 +41,7 @@ import { ImageLock } from './lock.js';
 import { OverlapCheck, overlapCheck } from './overlap.js';
 import { resolveOptions, type RawOptions } from './options.js';
 import type { DirtyRepair } from './repair.js';
-import { NO_SNAPSHOTS, readSnapshotExtents } from './snapshots.js';
+import { NO_SNAPSHOTS, inactiveL2Tables, readSnapshotExtents } from './snapshots.js';
 import { entryOffset } from './l2.js';
 import { stateOf, type Qcow2State } from './state.js';
 import { invalidForWriting, reasonToError } from './validate.js';
@@ -132,7 +132,7 @@ async function buildState(node: BlockNode, ctx: OpenContext, file: BdrvChild, im
     l2Cache: new MetadataCache('L2', opts.l2CacheEntries, c, io(OverlapCheck.ACTIVE_L2)),
     refcountCache: new MetadataCache('refcount', opts.refcountCacheEntries, c, io(OverlapCheck.REFCOUNT_BLOCK)),
     lock: new ImageLock(), opts, writable: !node.readOnly, usable: true, corruptionSignalled: false,
-    freeClusterIndex: 0, allocations: new Set(), inplace: new Set(), discards: [], cacheDiscards: false,
+    freeClusterIndex: 0, freeByteOffset: 0, allocations: new Set(), inplace: new Set(), discards: [], cacheDiscards: false,
     l2Tables: new Set(), refblocks: new Set(), snapshots, inactiveL2Tables: null,
     metadataPreallocation: null, compressedCache: null, assembly: [],
     warn: (message, verbatim) => ctx.graph.onWarning(message, verbatim ? { verbatim: true } : undefined),
@@ -147,21 +147,8 @@ async function buildState(node: BlockNode, ctx: OpenContext, file: BdrvChild, im
       s.maxReftableIndex = i;
     }
   }
-  if (opts.overlapMask & OverlapCheck.INACTIVE_L2) s.inactiveL2Tables = await inactiveL2Tables(s);
+  if (opts.overlapMask & OverlapCheck.INACTIVE_L2) s.inactiveL2Tables = await inactiveL2Tables(s, (o, b) => readFile(file, o, b));
   return s;
-}
-
-/** The L2 tables the snapshots' L1 tables point at. */
-async function inactiveL2Tables(s: Qcow2State): Promise<Set<number>> {
-  const tables = new Set<number>();
-  for (const l1 of s.snapshots.l1Tables) {
-    const view = new DataView((await readFile(s.file, l1.offset, l1.entries * 8)).buffer);
-    for (let i = 0; i < l1.entries; i++) {
-      const offset = entryOffset(view.getUint32(i * 8), view.getUint32(i * 8 + 4));
-      if (offset !== 0) tables.add(offset);
-    }
-  }
-  return tables;
 }
 
 /** qcow2_do_open (see the note at the top). */

@@ -15,7 +15,8 @@
  * larger than the set. "all" adds the L2 tables of internal snapshots,
  * read once at open.
  *
- * Kinds are tested in QEMU's order and the first hit is reported.
+ * Kinds are tested in QEMU's order and the first hit is reported; empty
+ * tables (no L1 entries, no snapshots) cover nothing, as in QEMU.
  */
 import { signalCorruption } from './header-io.js';
 import type { Qcow2State } from './state.js';
@@ -74,15 +75,17 @@ export function metadataOverlap(s: Qcow2State, checks: number, offsetBytes: numb
   if (checks & OL.MAIN_HEADER && offsetBytes < c) return OL.MAIN_HEADER;
   const start = Math.floor(offsetBytes / c) * c;
   const end = Math.ceil((offsetBytes + bytes) / c) * c;
-  if (checks & OL.ACTIVE_L1 && rangesOverlap(start, end - start, h.l1TableOffset, h.l1Entries * 8)) return OL.ACTIVE_L1;
+  if (checks & OL.ACTIVE_L1 && h.l1Entries > 0 && rangesOverlap(start, end - start, h.l1TableOffset, h.l1Entries * 8)) return OL.ACTIVE_L1;
   if (checks & OL.ACTIVE_L2 && hitsTables(s.l2Tables, start, end, c)) return OL.ACTIVE_L2;
   if (checks & OL.REFCOUNT_TABLE && rangesOverlap(start, end - start, h.refcountTableOffset, h.refcountTableClusters * c)) {
     return OL.REFCOUNT_TABLE;
   }
   if (checks & OL.REFCOUNT_BLOCK && hitsTables(s.refblocks, start, end, c)) return OL.REFCOUNT_BLOCK;
   const snap = s.snapshots;
-  if (checks & OL.SNAPSHOT_TABLE && rangesOverlap(start, end - start, snap.tableOffset, snap.tableBytes)) return OL.SNAPSHOT_TABLE;
-  if (checks & OL.INACTIVE_L1 && snap.l1Tables.some((t) => rangesOverlap(start, end - start, t.offset, t.entries * 8))) {
+  if (checks & OL.SNAPSHOT_TABLE && snap.tableBytes > 0 && rangesOverlap(start, end - start, snap.tableOffset, snap.tableBytes)) {
+    return OL.SNAPSHOT_TABLE;
+  }
+  if (checks & OL.INACTIVE_L1 && snap.l1Tables.some((t) => t.entries > 0 && rangesOverlap(start, end - start, t.offset, t.entries * 8))) {
     return OL.INACTIVE_L1;
   }
   if (checks & OL.INACTIVE_L2 && s.inactiveL2Tables && hitsTables(s.inactiveL2Tables, start, end, c)) return OL.INACTIVE_L2;

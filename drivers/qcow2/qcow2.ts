@@ -3,14 +3,18 @@
  * modules of drivers/qcow2/ together.
  *
  *   open.ts        open/close, backing chain       options.ts   blockdev keys
- *   io.ts          read/write/zero/discard/status  truncate.ts  resize
+ *   io.ts          read/write/zero/discard/status  truncate.ts  resize (shrink.ts)
+ *   amend.ts       qemu-img amend (refcount-order.ts, zero-expand.ts)
  *   cluster.ts     guest -> host runs (reads)      alloc.ts     write steps, COW, L2 linking
  *   zero.ts        zero/discard in L2 tables       cow.ts       backing, compressed, COW reads
  *   l2.ts          L1/L2 tables                    cache.ts     L2 and refcount block caches
  *   refcount*.ts   refcounts and the allocator     overlap.ts   metadata overlap checks
  *   header-io.ts   header writes, dirty/corrupt    prealloc.ts  preallocation
  *   create.ts      qemu-img create                 repair.ts    dirty-bit repair
- *   snapshots.ts   snapshot table extents          lock.ts      the image lock
+ *   snapshots.ts   the snapshot table in memory    lock.ts      the image lock
+ *   snapshot-ops.ts  snapshot create/goto/delete/list/load_tmp (snapshot-table.ts, snapshot-refcount.ts)
+ *   make-empty.ts  emptying (qemu-img commit)      backing-change.ts  rewriting the backing name
+ *   compress-write.ts  compressed writes (convert -c, qemu-io write -c)
  * The on-disk format itself (codecs, geometry, validators) is format.ts,
  * header.ts, extensions.ts, tables.ts, validate.ts and cursor.ts.
  *
@@ -28,12 +32,18 @@ import type { BlockNode } from '../../block/node.js';
 import { QCOW2_CREATE_OPTS, coCreate } from './create.js';
 import { Compat, HeaderBytes, Incompat, QCOW2_MAGIC, Qcow2Version } from './format.js';
 import { coBlockStatus, coFlushToOs, coPdiscard, coPreadv, coPwriteZeroes, coPwritev } from './io.js';
+import { coPwritevCompressed } from './compress-write.js';
 import { closeQcow2, openQcow2 } from './open.js';
 import { optionsSchema, type RawOptions } from './options.js';
 import type { DirtyRepair } from './repair.js';
 import { repairDirtyImage } from './check.js';
 import { stateOf } from './state.js';
+import { measureQcow2 } from './measure.js';
 import { coTruncate } from './truncate.js';
+import { QCOW2_AMEND_OPTS, amendQcow2 } from './amend.js';
+import { makeEmpty } from './make-empty.js';
+import { changeBackingFile } from './backing-change.js';
+import { qcow2HasDirtyBitmaps, qcow2SnapshotCreate, qcow2SnapshotDelete, qcow2SnapshotGoto, qcow2SnapshotList, qcow2SnapshotLoadTmp } from './snapshot-ops.js';
 
 /** qcow2_probe: the magic and a version of at least 2, in a full header's worth of bytes. */
 function probe(header: Uint8Array): number {
@@ -82,6 +92,7 @@ export function makeQcow2Driver(opts: { repairDirty?: DirtyRepair } = {}): Block
     getLength: async (node) => Math.floor(stateOf(node).image.header.virtualBytes / 512) * 512,
     coPreadv,
     coPwritev,
+    coPwritevCompressed,
     coPwriteZeroes,
     coPdiscard,
     coFlushToOs,
@@ -92,7 +103,30 @@ export function makeQcow2Driver(opts: { repairDirty?: DirtyRepair } = {}): Block
     getInfo,
     getSpecificInfo,
     getAllocatedFileSize: (node) => allocatedFileSize(stateOf(node).file.node),
+    hasZeroInit,
+    measure: measureQcow2,
+    makeEmpty,
+    changeBackingFile,
+    snapshotCreate: qcow2SnapshotCreate,
+    snapshotGoto: qcow2SnapshotGoto,
+    snapshotDelete: qcow2SnapshotDelete,
+    snapshotList: qcow2SnapshotList,
+    snapshotLoadTmp: qcow2SnapshotLoadTmp,
+    hasDirtyBitmaps: qcow2HasDirtyBitmaps,
+    amendOpts: QCOW2_AMEND_OPTS,
+    amend: amendQcow2,
   };
 }
 
 export const qcow2Driver: BlockDriver = makeQcow2Driver();
+
+/**
+ * qcow2_has_zero_init: an image without preallocated metadata reads as
+ * zeroes where nothing was written; a preallocated one (its first L1 entry
+ * is set) only if its file does.
+ */
+function hasZeroInit(node: BlockNode): boolean {
+  const s = stateOf(node);
+  const preallocated = s.image.header.l1Entries > 0 && (s.l1View.getUint32(0) !== 0 || s.l1View.getUint32(4) !== 0);
+  return !preallocated || s.file.node.driver.hasZeroInit(s.file.node);
+}

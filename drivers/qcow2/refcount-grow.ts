@@ -170,7 +170,7 @@ async function fillAreaBlocks(s: Qcow2State, table: Float64Array, areaIndex: num
   }
 }
 
-function encodeReftable(table: Float64Array): Uint8Array {
+export function encodeReftable(table: Float64Array): Uint8Array {
   const out = new Uint8Array(table.length * REFTABLE_ENTRY_BYTES);
   const view = new DataView(out.buffer);
   for (let i = 0; i < table.length; i++) {
@@ -182,7 +182,7 @@ function encodeReftable(table: Float64Array): Uint8Array {
   return out;
 }
 
-function lastUsedIndex(table: Float64Array): number {
+export function lastUsedIndex(table: Float64Array): number {
   for (let i = table.length - 1; i >= 0; i--) if (table[i]) return i;
   return -1;
 }

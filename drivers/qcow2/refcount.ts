@@ -214,6 +214,7 @@ async function updateInBlock(s: Qcow2State, first: number, count: number, addend
 function clusterFreed(s: Qcow2State, index: number, type: DiscardTypeValue): void {
   const offset = index * s.clusterBytes;
   if (index < s.freeClusterIndex) s.freeClusterIndex = index;
+  if (Math.floor(s.freeByteOffset / s.clusterBytes) === index) s.freeByteOffset = 0;
   s.refcountCache.discard(offset);
   s.l2Cache.discard(offset);
   if (!s.opts.passDiscard[type]) return;

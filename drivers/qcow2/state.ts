@@ -113,6 +113,11 @@ export interface Qcow2State {
   corruptionSignalled: boolean;
   /** The first free cluster may be at or after this index. */
   freeClusterIndex: number;
+  /**
+   * Where the next compressed cluster may be packed (QEMU's free_byte_offset):
+   * inside a host cluster that compressed data partly fills; 0: none.
+   */
+  freeByteOffset: number;
   readonly allocations: Set<Allocation>;
   readonly inplace: Set<InplaceWrite>;
   /** Freed clusters waiting to be discarded in the file. */

@@ -133,7 +133,7 @@ function invalidSnapshotTable(h: Qcow2Header): string | null {
 }
 
 /** qcow2_validate_table, with the table kept below 2^56 instead of INT64_MAX. */
-function invalidTable(h: Qcow2Header, offset: number, entries: number, entryBytes: number, maxBytes: number, name: string): string | null {
+export function invalidTable(h: Qcow2Header, offset: number, entries: number, entryBytes: number, maxBytes: number, name: string): string | null {
   if (entries > Math.floor(maxBytes / entryBytes)) return `${name} too large`;
   const aligned = offset % 2 ** h.clusterBits === 0;
   if (!aligned || offset > Limits.HOST_OFFSET_LIMIT - entries * entryBytes) return `${name} offset invalid`;

@@ -128,10 +128,11 @@ export function commonOption(ctx: ImgContext, opt: ParsedOption): boolean {
 }
 
 /**
- * qemu-img's cvtnum: a size from 0 to INT64_MAX, with qemu-img's two error
- * texts; `warn` gets qemu_strtosz's deprecation warning (hex with a suffix).
+ * qemu-img's cvtnum: a size from 0 to INT64_MAX (cvtnum_full: from `min`
+ * to `max`), with qemu-img's two error texts; `warn` gets qemu_strtosz's
+ * deprecation warning (hex with a suffix).
  */
-export function cvtnum(what: string, text: string, warn: (message: string) => void): bigint {
+export function cvtnum(what: string, text: string, warn: (message: string) => void, min = 0n, max = CVTNUM_MAX): bigint {
   const v = parseSizeBig(text, 'B', warn);
   if (v === 'invalid') {
     throw new CliError(
@@ -139,8 +140,8 @@ export function cvtnum(what: string, text: string, warn: (message: string) => vo
         `${PROG}: kilobytes, megabytes, gigabytes, terabytes, petabytes and exabytes.`,
     );
   }
-  if (v === 'range' || v > CVTNUM_MAX) {
-    throw new CliError(`Invalid ${what} specified. Must be between 0 and ${CVTNUM_MAX}.`);
+  if (v === 'range' || v > max || v < min) {
+    throw new CliError(`Invalid ${what} specified. Must be between ${min} and ${max}.`);
   }
   return v;
 }

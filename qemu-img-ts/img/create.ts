@@ -89,7 +89,7 @@ async function run(ctx: ImgContext, argv: string[]): Promise<number> {
 export const createCommand: ImgCommand = { command, run };
 
 /** accumulate_options: checks one `-o` argument and appends it. */
-function accumulateOptions(sofar: string | undefined, text: string): string {
+export function accumulateOptions(sofar: string | undefined, text: string): string {
   const trailingCommas = text.length - text.replace(/,+$/, '').length;
   if (text === '' || text.startsWith(',') || trailingCommas % 2 === 1) {
     throw new CliError(`Invalid option list: ${text}`);
@@ -98,7 +98,7 @@ function accumulateOptions(sofar: string | undefined, text: string): string {
 }
 
 /** has_help_option: some element of the list (`,,` being a comma inside it) is exactly `help` or `?`. */
-function hasHelpOption(options: string): boolean {
+export function hasHelpOption(options: string): boolean {
   let element = '';
   for (let i = 0; i <= options.length; i++) {
     if (i === options.length || (options[i] === ',' && options[i + 1] !== ',')) {
@@ -112,8 +112,15 @@ function hasHelpOption(options: string): boolean {
   return false;
 }
 
+/** qemu_opts_print_help without caption: one `  name=<type> - help` line per option, sorted. */
+export function optionListText(descs: readonly CreateOptDesc[]): string {
+  const lines = descs.map((d) => `  ${d.name}=<${TYPE_NAMES[d.type]}>`.padEnd(HELP_NAME_COLUMNS) + ` - ${d.help}`);
+  lines.sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
+  return lines.map((l) => `${l}\n`).join('');
+}
+
 /** print_block_option_help: the option list of a format (and protocol, given a file name). */
-function optionHelp(ctx: ImgContext, format: string, filename: string | undefined): string {
+export function optionHelp(ctx: ImgContext, format: string, filename: string | undefined): string {
   let descs: CreateOptDesc[];
   try {
     descs = creatableOptions(ctx.graph, format, filename ?? '');
@@ -122,9 +129,7 @@ function optionHelp(ctx: ImgContext, format: string, filename: string | undefine
     throw e;
   }
   if (filename === undefined) descs = [...(ctx.graph.driver(format).createOpts ?? [])];
-  const lines = descs.map((d) => `  ${d.name}=<${TYPE_NAMES[d.type]}>`.padEnd(HELP_NAME_COLUMNS) + ` - ${d.help}`);
-  lines.sort((a, b) => (a < b ? -1 : a > b ? 1 : 0));
-  const body = lines.map((l) => `${l}\n`).join('');
+  const body = optionListText(descs);
   if (filename !== undefined) return `Supported options:\n${body}`;
   return (
     `Supported ${format} options:\n${body}\n` +

@@ -34,9 +34,11 @@ export class GetoptLong implements Iterable<ParsedOption> {
   /**
    * `stopAtOperand` is getopt's leading '+' (POSIX order): the first operand
    * ends the options, as qemu-img's global options end at the command name.
+   * `glibcErrors` drops the leading ':' (qemu-img measure): an error is
+   * yielded as the option `?` whose value is glibc's message.
    */
-  constructor(argv: readonly string[], options: readonly Option[], stopAtOperand = false) {
-    let optstring = stopAtOperand ? '+:' : ':';
+  constructor(argv: readonly string[], options: readonly Option[], stopAtOperand = false, private readonly glibcErrors = false) {
+    let optstring = (stopAtOperand ? '+' : '') + (glibcErrors ? '' : ':');
     const longopts: LongOption[] = [];
     for (const o of options) {
       const hasArg = o.required || o.optional;
@@ -55,6 +57,10 @@ export class GetoptLong implements Iterable<ParsedOption> {
 
   *[Symbol.iterator](): Generator<ParsedOption> {
     for (const e of this.getopt) {
+      if (e.kind === 'error' && this.glibcErrors) {
+        yield { key: '?', value: e.message };
+        continue;
+      }
       if (e.kind === 'error' && e.result === ':') throw usageError(`missing argument for option '${e.element}'`);
       if (e.kind === 'error') throw usageError(`unrecognized option '${e.element}'`);
       yield { key: this.keys.get(e.key)!, value: e.arg };

@@ -10,12 +10,14 @@
  * them) through QEMU's pretty writer, then a newline. Human: the four fixed
  * lines of bdrv_image_info_dump (sizes through size_to_str), then, when the
  * image has them, `encrypted: yes`, `cluster_size:`, `cleanly shut down: no`,
- * the backing file lines and the format-specific data (../qapi-dump.ts,
+ * the backing file lines, the "Snapshot list:" table (block/snapshot.ts)
+ * and the format-specific data (../qapi-dump.ts,
  * shared with qemu-io's `info`); chain entries are separated by a blank
  * line.
  */
 import { Option } from 'commander';
 import { collectImageInfoList, type ImageInfo } from '../../block/info.js';
+import { formatSnapshotList } from '../../block/snapshot.js';
 import { sizeToStr } from '../../block/units.js';
 import { toJsonPretty, type QValue } from '../../block/qjson.js';
 import { formatSpecificInformation } from '../qapi-dump.js';
@@ -74,6 +76,7 @@ export function formatImageInfoHuman(info: ImageInfo): string {
   if (info['cluster-size'] !== undefined) text += `cluster_size: ${info['cluster-size']}\n`;
   if (info['dirty-flag']) text += 'cleanly shut down: no\n';
   text += backingLines(info);
+  if (info.snapshots) text += formatSnapshotList(info.snapshots);
   const specific = info['format-specific'];
   if (specific) text += formatSpecificInformation(specific);
   return text;

@@ -14,7 +14,7 @@
  * tree's driver.
  */
 import { BlockError } from '../../block/errors.js';
-import type { BlockGraph } from '../../block/graph.js';
+import type { BlockGraph, Inherited } from '../../block/graph.js';
 import { parseKeyval, type OptionTree } from '../../block/keyval.js';
 import type { BlockNode } from '../../block/node.js';
 import { CliError } from '../cli-common.js';
@@ -30,15 +30,17 @@ export interface ImgOpenOptions {
   readOnly: boolean;
   /** Leave the backing file closed (qemu-img info's BDRV_O_NO_BACKING). */
   noBacking?: boolean;
+  /** Cache and discard flags every node of the image inherits (-t, -T, BDRV_O_UNMAP). */
+  flags?: Pick<Inherited, 'direct' | 'noFlush' | 'unmap'>;
 }
 
 /** Opens an image as qemu-img does; errors carry qemu-img's "Could not open" prefix. */
 export async function imgOpen(graph: BlockGraph, o: ImgOpenOptions): Promise<BlockNode> {
   if (o.imageOpts && o.format !== undefined) throw new CliError('--image-opts and --format are mutually exclusive');
-  const inherit = { readOnly: o.readOnly, forceShare: o.forceShare, noBacking: o.noBacking };
+  const inherit = { readOnly: o.readOnly, forceShare: o.forceShare, noBacking: o.noBacking, ...o.flags };
   try {
     if (o.imageOpts) return await graph.openOptions(imageOptsTree(o.filename, o.forceShare), inherit);
-    return await graph.openImage(o.filename, { ...inherit, format: o.format });
+    return await graph.openImage(o.filename, { ...inherit, format: o.format, inherit: o.flags });
   } catch (e) {
     if (!(e instanceof BlockError)) throw e;
     throw new BlockError(e.code, `Could not open '${o.filename}': ${e.message}`, { cause: e });

@@ -7,16 +7,17 @@
  * `Pattern verification failed at offset N, M bytes` before anything else,
  * even with -q, and fails the command after the statistics. write fills with
  * 0xcd, or -P's byte, or the cycled contents of -s's file; -z writes zeroes
- * (-u may unmap, -n forbids the slow fallback), -f adds FUA. The vmstate
- * (-b) and compressed (-c) paths fail with ENOTSUP as they do on raw; QEMU
- * checks the range of a compressed write first, so that is EIO past the end.
+ * (-u may unmap, -n forbids the slow fallback), -f adds FUA, -c writes
+ * compressed (blk_pwrite_compressed: ENOTSUP on formats without it, EIO
+ * past the end as the range is checked first). The vmstate (-b) path fails
+ * with ENOTSUP as it does on raw.
  *
  * `readRequest` is the read every reading command shares (read, readv,
  * aio_read): its buffer, its -P check and its -v dump.
  */
 import fs from 'node:fs';
 import { Req } from '../../block/flags.js';
-import { BlockError, strerror } from '../../block/errors.js';
+import { strerror } from '../../block/errors.js';
 import { parsePattern } from './args.js';
 import { helpText, parseFlags, usageFailure, type IoCommand } from './commands.js';
 import { dumpBuffer } from './hexdump.js';
@@ -309,8 +310,8 @@ async function writeF(s: IoSession, argv: string[]): Promise<boolean> {
   const blk = s.backend();
   return issueRequest(s, r, () => {
     if (f.zeroes) return () => blk.pwriteZeroes(offset, count, f.req);
-    if (f.compressed) return async () => Promise.reject(new BlockError('ENOTSUP'));
     const buf = source ?? s.syncBuffer(count, f.pattern ?? WRITE_FILL_BYTE);
+    if (f.compressed) return () => blk.pwrite(offset, buf, Req.WRITE_COMPRESSED);
     return () => blk.pwrite(offset, buf, f.req & Req.FUA);
   });
 }

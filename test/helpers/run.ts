@@ -9,8 +9,8 @@ import { fileURLToPath } from 'node:url';
 export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 const BINS: Record<string, string> = {
-  'qemu-img-ts': 'dist/qemu-img-ts/qemu-img.js',
-  'qemu-io-ts': 'dist/qemu-img-ts/qemu-io.js',
+  'qemu-img-ts': 'dist/bin/qemu-img-ts.mjs',
+  'qemu-io-ts': 'dist/bin/qemu-io-ts.mjs',
 };
 
 export interface RunResult {

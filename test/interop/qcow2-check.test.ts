@@ -38,7 +38,7 @@ import { missingPeers } from '../helpers/peers.js';
 import { ROOT, run, type RunResult } from '../helpers/run.js';
 import { scratchDir } from '../helpers/tmp.js';
 
-const OURS = path.join(ROOT, 'dist/qemu-img-ts/qemu-img.js');
+const OURS = path.join(ROOT, 'dist/bin/qemu-img-ts.mjs');
 const skip = missingPeers('qemu-img', 'qemu-io');
 
 /** Builds the images into the current directory (bash, run once). */

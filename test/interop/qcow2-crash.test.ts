@@ -26,7 +26,7 @@ const RUNS = Number(process.env.CRASH_RUNS ?? 4);
 const KILL_MAX_MS = 1200;
 const dir = scratchDir('qbt-crash-');
 const WRITER = path.join(ROOT, 'test', 'helpers', 'crash-writer.mjs');
-const QEMU_IMG_TS = path.join(ROOT, 'dist', 'qemu-img-ts', 'qemu-img.js');
+const QEMU_IMG_TS = path.join(ROOT, 'dist', 'bin', 'qemu-img-ts.mjs');
 
 function readJournal(file: string): Journal {
   const j = { lastStarted: -1, lastFlushed: -1 };
@@ -74,7 +74,7 @@ describe.skipIf(missingPeers('qemu-img'))('qcow2 survives SIGKILL at any moment'
         await runAndKill(image, journal, seed, killAfterMs);
         if (config.opts.includes('lazy_refcounts=on')) {
           // A dirty image is repaired by its next read-write open.
-          const repaired = await run(process.execPath, [path.join(ROOT, 'dist', 'qemu-img-ts', 'qemu-io.js'), '-f', 'qcow2', '-c', 'flush', image]);
+          const repaired = await run(process.execPath, [path.join(ROOT, 'dist', 'bin', 'qemu-io-ts.mjs'), '-f', 'qcow2', '-c', 'flush', image]);
           expect(repaired.code, repaired.stderr).toBe(0);
         }
         const check = await run('qemu-img', ['check', '-f', 'qcow2', image]);

@@ -35,7 +35,7 @@ import { ROOT, run, type RunResult } from '../helpers/run.js';
 import { scratchDir } from '../helpers/tmp.js';
 
 const GENERATOR = path.join(ROOT, 'test/fixtures/qcow2-hostile/make-hostile.mjs');
-const BINS = { 'qemu-img': path.join(ROOT, 'dist/qemu-img-ts/qemu-img.js'), 'qemu-io': path.join(ROOT, 'dist/qemu-img-ts/qemu-io.js') };
+const BINS = { 'qemu-img': path.join(ROOT, 'dist/bin/qemu-img-ts.mjs'), 'qemu-io': path.join(ROOT, 'dist/bin/qemu-io-ts.mjs') };
 const KILL_MS = 30_000;
 const FEW_SECONDS_MS = 10_000;
 /** Budget for QEMU's own runs (it is fast; this only bounds a hang). */

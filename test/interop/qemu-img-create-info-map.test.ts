@@ -32,7 +32,7 @@ import { missingPeers } from '../helpers/peers.js';
 import { ROOT, type RunResult } from '../helpers/run.js';
 import { scratchDir } from '../helpers/tmp.js';
 
-const OURS_BIN = path.join(ROOT, 'dist/qemu-img-ts/qemu-img.js');
+const OURS_BIN = path.join(ROOT, 'dist/bin/qemu-img-ts.mjs');
 const GOLDEN_DIR = path.join(ROOT, 'test/golden/qemu-img');
 const UPDATE_GOLDEN = process.env.UPDATE_GOLDEN === '1';
 

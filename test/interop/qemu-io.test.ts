@@ -424,7 +424,7 @@ const runOpts = (cwd: string, c: IoCase) => (c.input === undefined ? { cwd } : {
 function runViaShell(cmd: string, args: string[], opts: { cwd: string; input?: string }): Promise<RunResult> {
   return run('sh', ['-c', '"$@"; exit $?', 'sh', cmd, ...args], opts);
 }
-const OUR_BIN = path.join(ROOT, 'dist/qemu-img-ts/qemu-io.js');
+const OUR_BIN = path.join(ROOT, 'dist/bin/qemu-io-ts.mjs');
 const runQemuIo = (c: IoCase, cwd: string) => runViaShell('qemu-io', c.args, runOpts(cwd, c));
 const runQemuIoTs = (c: IoCase, cwd: string) => runViaShell(process.execPath, [OUR_BIN, ...c.args], runOpts(cwd, c));
 

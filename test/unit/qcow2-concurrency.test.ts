@@ -14,7 +14,7 @@ import { crashOps, CRASH_BATCH_OPS, CRASH_IMAGE_BYTES } from '../helpers/crash-o
 import { scratchDir } from '../helpers/tmp.js';
 
 const dir = scratchDir();
-const CASES = [
+const CASES: Array<{ seed: number; options: Record<string, number | boolean> }> = [
   { seed: 1000, options: { cluster_size: 65536 } },
   { seed: 1002, options: { cluster_size: 65536 } },
   { seed: 2000, options: { cluster_size: 4096, refcount_bits: 1 } },
