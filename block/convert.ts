@@ -25,6 +25,7 @@ import { BlockError, strerror } from './errors.js';
 import { Req, Status } from './flags.js';
 import { preadv, pwriteZeroes, pwritev } from './io.js';
 import type { BdrvChild, BlockNode } from './node.js';
+import { RateLimit } from './ratelimit.js';
 import { blockStatusAbove } from './status.js';
 import { SECTOR_BYTES, allocatedSectorsMin, isZeroRange } from './zero-scan.js';
 
@@ -124,13 +125,14 @@ class ConvertState {
   private readonly writeWaiters = new Map<number, () => void>();
   private iterating: Promise<unknown> = Promise.resolve();
   private failure: unknown = null;
-  private rateNextMs = 0;
+  private readonly rate: RateLimit;
 
   constructor(
     private readonly plan: ConvertPlan,
     private readonly bufSectors: number,
   ) {
     this.totalSectors = plan.sources.reduce((n, src) => n + src.sectors, 0);
+    this.rate = new RateLimit(plan.rateLimitBytesPerSec);
   }
 
   /** The source holding `sector` and the sector where it starts. */
@@ -382,15 +384,12 @@ class ConvertState {
     }
   }
 
-  /** -r: waits until `bytes` more fit the write bandwidth. */
+  /** -r: accounts `bytes` about to be written and waits while the bandwidth is used up. */
   private async throttle(bytes: number): Promise<void> {
-    const rate = this.plan.rateLimitBytesPerSec;
-    if (!rate) return;
-    const now = performance.now();
-    const start = Math.max(now, this.rateNextMs);
-    this.rateNextMs = start + (bytes / rate) * 1000;
-    if (start > now) await new Promise((resolve) => setTimeout(resolve, start - now));
+    const waitMs = this.rate.delayFor(bytes);
+    if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
   }
+
 }
 
 function asBlockError(e: unknown): BlockError {

@@ -25,6 +25,7 @@ import type { BlockNode } from '../../block/node.js';
 import { loadSnapshotTmp, type SnapshotRef } from '../../block/snapshot-tmp.js';
 import { SECTOR_BYTES } from '../../block/zero-scan.js';
 import { CliError } from '../cli-common.js';
+import { strtolWhole } from '../io/args.js';
 import { applyCacheMode, defaultOpenSettings, type OpenSettings } from '../io/open.js';
 import { commonOption, commonOptions, cvtnum, declareCommand, type ImgCommand, type ImgContext } from './command.js';
 import { accumulateOptions, hasHelpOption, optionHelp } from './create.js';
@@ -146,10 +147,10 @@ function readSparse(ctx: ImgContext, a: ConvertArgs, text: string): void {
   a.explicitMinSparse = true;
 }
 
-/** qemu_strtol with base 0 and the 1..16 range check. */
+/** cvtnum_full for -m: a whole strtol number (base 0) from 1 to 16. */
 function readParallel(text: string): number {
-  const n = /^\s*[+-]?(0x[0-9a-f]+|0[0-7]*|[1-9][0-9]*)$/i.test(text) ? Number.parseInt(text.trim(), text.trim().toLowerCase().includes('0x') ? 16 : text.trim().startsWith('0') ? 8 : 10) : NaN;
-  if (!Number.isInteger(n) || n < 1 || n > CONVERT_MAX_PARALLEL) {
+  const n = strtolWhole(text);
+  if (n === null || n < 1 || n > CONVERT_MAX_PARALLEL) {
     throw new CliError(`Invalid number of coroutines. Allowed number of coroutines is between 1 and ${CONVERT_MAX_PARALLEL}`);
   }
   return n;

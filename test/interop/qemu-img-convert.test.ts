@@ -204,6 +204,15 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts convert agains
     }
   });
 
+  it('-r limits the write bandwidth (3 MiB of data at 2 MiB/s take over a second)', async () => {
+    const started = performance.now();
+    const got = await runOurs('qemu-img-ts', ['convert', '-r', '2M', '-O', 'raw', 'src.raw', 'rate-ours.raw'], { cwd: dir });
+    const elapsedMs = performance.now() - started;
+    expect(got.code, got.stderr).toBe(0);
+    expect(elapsedMs).toBeGreaterThan(1000);
+    expect(qemuImg('compare', '-f', 'raw', '-F', 'raw', 'src.raw', 'rate-ours.raw')).toBe('Images are identical.\n');
+  });
+
   it('reads a null-co source given as --image-opts', async () => {
     const args = ['convert', '--image-opts', 'driver=null-co,size=8M,read-zeroes=on', '-O', 'qcow2'];
     const got = await runOurs('qemu-img-ts', [...args, 'null-ours.qcow2'], { cwd: dir });
