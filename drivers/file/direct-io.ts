@@ -55,8 +55,15 @@ export interface HostFile {
 /** One positioned read or write of part of `buf`, returning the bytes moved. */
 type Transfer = (buf: Uint8Array, at: number, bytes: number, offsetBytes: number) => Promise<number>;
 
-function transfers(fh: fs.promises.FileHandle, syncIo: boolean): { read: Transfer; write: Transfer } {
-  if (syncIo) {
+/**
+ * Under syncIo, transfers of this many bytes or more still go through the
+ * thread pool: there the copy in the kernel dwarfs the hand-off, and several
+ * such transfers in flight (convert's workers) run on several cores.
+ */
+export const SYNC_IO_MAX_BYTES = 256 << 10;
+
+function transfers(fh: fs.promises.FileHandle, syncIo: boolean, bytes: number): { read: Transfer; write: Transfer } {
+  if (syncIo && bytes < SYNC_IO_MAX_BYTES) {
     return {
       read: async (buf, at, bytes, offsetBytes) => fs.readSync(fh.fd, buf, at, bytes, offsetBytes),
       write: async (buf, at, bytes, offsetBytes) => fs.writeSync(fh.fd, buf, at, bytes, offsetBytes),
@@ -122,7 +129,7 @@ export async function readFull(
   direct: boolean,
   syncIo = false,
 ) {
-  const { read } = transfers(fh, syncIo);
+  const { read } = transfers(fh, syncIo, buf.length);
   for (let done = 0; done < buf.length; ) {
     let bytesRead: number;
     try {
@@ -141,7 +148,7 @@ export async function readFull(
 
 /** Writes all of buf at offsetBytes. */
 export async function writeFull(fh: fs.promises.FileHandle, buf: Uint8Array, offsetBytes: number, syncIo = false) {
-  const { write } = transfers(fh, syncIo);
+  const { write } = transfers(fh, syncIo, buf.length);
   for (let done = 0; done < buf.length; ) {
     let bytesWritten: number;
     try {
