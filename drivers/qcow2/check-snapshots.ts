@@ -15,31 +15,53 @@
  *   - in v3 images every entry needs 16 bytes of extra data ("snapshot
  *     table entry N is incomplete").
  * Reading past the end of the file yields zeros, as in QEMU, so a table
- * past the end reads as empty, incomplete entries.
+ * past the end reads as empty, incomplete entries. The counts of dropped
+ * snapshots wrap as QEMU's C ints do (corruptions_fixed can go negative
+ * when nb_snapshots was near 2^32).
  *
- * Not implemented: rewriting the snapshot table, which -r all needs to fix
- * incomplete entries or dropped extra data (QEMU's qcow2_write_snapshots).
- * Such a repair fails with "ERROR failed to update snapshot table:
- * Operation not supported" and the check counts an internal error.
+ * Rewriting (qcow2_check_fix_snapshot_table, after the refcounts were
+ * checked and repaired): when the read found corruptions and -r all is
+ * given, the table is written anew as qcow2_write_snapshots writes it
+ * (snapshot-table.ts's encoder: every entry with at least the 24 bytes of
+ * extra data QEMU 7.2 knows, a missing disk size taken from the image's
+ * size now, the 32-bit VM state size widened, unknown extra data kept up
+ * to the limit, dropped entries gone) into clusters allocated on the
+ * repaired refcounts (check-alloc.ts), after an overlap check; flushed;
+ * then nb_snapshots and snapshots_offset are switched in one synced
+ * header write and the old table's clusters freed (a failure to free
+ * them is printed and leaks them, as in QEMU). A failed rewrite is an
+ * internal error that ends the check ("ERROR failed to update snapshot
+ * table: …").
+ *
+ * One deliberate difference: QEMU's allocator may choose clusters the old
+ * table still covers in memory when that table reaches past the end of
+ * the file (so its refcounts could not be counted); its overlap check then
+ * refuses the write and marks the image corrupt. The allocator here skips
+ * such clusters and the rewrite succeeds (see check-alloc.ts).
  */
 import { BlockError, strerror } from '../../block/errors.js';
+import { allocClusters, flushRefcounts, freeClusters } from './check-alloc.js';
 import { CheckAbort, errnoOf, readAt, type CheckFix, type CheckResult } from './check-io.js';
 import type { CheckSnapshot, CheckState } from './check-state.js';
 import { ByteReader, decodeCString } from './cursor.js';
 import { Limits, Qcow2Version, SNAPSHOT_HEADER_BYTES } from './format.js';
-import { ChunkedReader } from './snapshot-table.js';
+import {
+  ChunkedReader,
+  decodeSnapshotEntryHeader,
+  encodeSnapshotTable,
+  KNOWN_EXTRA_DATA_BYTES,
+  MAX_SNAPSHOT_EXTRA_DATA_BYTES,
+  MAX_SNAPSHOTS_TABLE_BYTES,
+  snapshotFromParts,
+} from './snapshot-table.js';
 
-/** QCOW_MAX_SNAPSHOT_EXTRA_DATA. */
-const MAX_EXTRA_DATA_BYTES = 1024;
-/** QCOW_MAX_SNAPSHOTS_SIZE: 1 KiB per snapshot. */
-const MAX_TABLE_BYTES = 1024 * Limits.MAX_SNAPSHOTS;
-/** sizeof(QCowSnapshotExtraData): vm_state_size_large, disk_size, icount. */
-const KNOWN_EXTRA_DATA_BYTES = 24;
 /** v3 entries need vm_state_size_large and disk_size. */
 const V3_MIN_EXTRA_DATA_BYTES = 16;
 /** Header offset of nb_snapshots (followed by snapshots_offset). */
 const NB_SNAPSHOTS_FIELD = 60;
 const INT_MAX = 0x7fffffff;
+/** Guest sizes are whole sectors (QEMU's bs->total_sectors). */
+const SECTOR_BYTES = 512;
 
 /** qcow2_check_read_snapshot_table: fills `s.snapshots`; throws CheckAbort when the check must stop. */
 export async function checkReadSnapshotTable(s: CheckState, res: CheckResult, fix: CheckFix): Promise<void> {
@@ -54,10 +76,11 @@ export async function checkReadSnapshotTable(s: CheckState, res: CheckResult, fi
   const r = new ByteReader(pointer);
   let count = r.u32();
   const offset = r.u64();
+  // QEMU counts the dropped snapshots in a C int: past INT_MAX the count wraps, and so does corruptions_fixed.
   let reduced = 0;
   if (count > Limits.MAX_SNAPSHOTS && fix.errors) {
     s.report(`Discarding ${count - Limits.MAX_SNAPSHOTS} overhanging snapshots`);
-    reduced += count - Limits.MAX_SNAPSHOTS;
+    reduced = (reduced + count - Limits.MAX_SNAPSHOTS) | 0;
     count = Limits.MAX_SNAPSHOTS;
   }
   const invalid = invalidSnapshotTable(offset, count, s.geometry.clusterBytes);
@@ -80,8 +103,8 @@ export async function checkReadSnapshotTable(s: CheckState, res: CheckResult, fi
     throw new CheckAbort(read instanceof BlockError ? read.code : 'EFBIG');
   }
   setTable(s, Number(offset), read.snapshots, read.bytes);
-  reduced += read.dropped;
-  res.corruptions += reduced + read.extraDropped;
+  reduced = (reduced + read.dropped) | 0;
+  res.corruptions = (res.corruptions + reduced + read.extraDropped) | 0;
   if (reduced) await writeSnapshotCount(s, res, read.snapshots.length, reduced);
   if (s.header.version >= Qcow2Version.V3) {
     read.snapshots.forEach((sn, i) => {
@@ -92,12 +115,52 @@ export async function checkReadSnapshotTable(s: CheckState, res: CheckResult, fi
   }
 }
 
-/** qcow2_check_fix_snapshot_table: a table with corruptions must be rewritten under -r all (not implemented). */
-export function checkFixSnapshotTable(s: CheckState, res: CheckResult, fix: CheckFix): void {
+/**
+ * qcow2_check_fix_snapshot_table: with -r all, a table the read found
+ * corruptions in is written anew (entries completed, dropped ones gone).
+ */
+export async function checkFixSnapshotTable(s: CheckState, res: CheckResult, fix: CheckFix): Promise<void> {
   if (!res.corruptions || !fix.errors) return;
-  res.checkErrors++;
-  s.report(`ERROR failed to update snapshot table: ${strerror('ENOTSUP')}`);
-  throw new CheckAbort('ENOTSUP');
+  try {
+    await writeSnapshots(s);
+  } catch (e) {
+    res.checkErrors++;
+    s.report(`ERROR failed to update snapshot table: ${strerror(errnoOf(e))}`);
+    throw new CheckAbort(errnoOf(e));
+  }
+  res.corruptionsFixed += res.corruptions;
+  res.corruptions = 0;
+}
+
+/**
+ * qcow2_write_snapshots: the table goes to newly allocated clusters, is
+ * flushed with its refcounts, then the header's nb_snapshots and
+ * snapshots_offset switch to it in one synced write, and the old table's
+ * clusters are freed. Until the switch the old table stays intact, so a
+ * crash leaves one table or the other (and at worst leaked clusters).
+ */
+async function writeSnapshots(s: CheckState): Promise<void> {
+  const diskBytes = Math.floor(s.header.virtualBytes / SECTOR_BYTES) * SECTOR_BYTES;
+  const table = encodeSnapshotTable(s.snapshots, diskBytes);
+  if (table === null) throw new BlockError('EFBIG');
+  const offset = await allocClusters(s, table.length);
+  try {
+    await flushRefcounts(s);
+    // The header does not point here yet, so these clusters must be free of metadata.
+    await s.preWriteOverlapCheck(0, offset, table.length);
+    if (table.length) await s.file.write(offset, table);
+    await flushRefcounts(s);
+    const pointer = new Uint8Array(12);
+    new DataView(pointer.buffer).setUint32(0, s.snapshots.length);
+    new DataView(pointer.buffer).setBigUint64(4, BigInt(offset));
+    await s.file.write(NB_SNAPSHOTS_FIELD, pointer);
+    await s.file.flush();
+  } catch (e) {
+    if (offset > 0) await freeClusters(s, offset, table.length, true);
+    throw e;
+  }
+  await freeClusters(s, s.header.snapshotsOffset, s.snapshotsBytes, true);
+  setTable(s, offset, s.snapshots, table.length);
 }
 
 function setTable(s: CheckState, offset: number, snapshots: CheckSnapshot[], bytes: number): void {
@@ -161,7 +224,7 @@ async function readSnapshots(s: CheckState, tableOffset: number, count: number, 
       const sn = await readEntry(s, input, i, repair, out);
       if (typeof sn === 'string') return sn;
       tableBytes += SNAPSHOT_HEADER_BYTES + sn.extraDataBytes + sn.idBytes + sn.nameBytes;
-      if (tableBytes > MAX_TABLE_BYTES || input.offset - tableOffset > INT_MAX) {
+      if (tableBytes > MAX_SNAPSHOTS_TABLE_BYTES || input.offset - tableOffset > INT_MAX) {
         if (!repair) return `Snapshot table is too big\nYou can force-remove all ${count - i} overhanging snapshots with qemu-img check -r all`;
         s.report(`Discarding ${count - i} overhanging snapshots (snapshot table is too big)`);
         out.dropped += count - i;
@@ -179,28 +242,26 @@ async function readSnapshots(s: CheckState, tableOffset: number, count: number, 
 }
 
 async function readEntry(s: CheckState, input: ChunkedReader, i: number, repair: boolean, out: SnapshotsRead) {
-  const h = new ByteReader(await input.take(SNAPSHOT_HEADER_BYTES));
-  const l1TableOffset = h.u64();
-  const l1Entries = h.u32();
-  const idBytes = h.u16();
-  const nameBytes = h.u16();
-  h.skip(4 + 4 + 8 + 4); // date_sec, date_nsec, vm_clock_nsec, vm_state_size
-  let extraDataBytes = h.u32();
+  const h = decodeSnapshotEntryHeader(await input.take(SNAPSHOT_HEADER_BYTES));
+  let extraDataBytes = h.extraDataBytes;
   let truncate = false;
-  if (extraDataBytes > MAX_EXTRA_DATA_BYTES) {
+  if (extraDataBytes > MAX_SNAPSHOT_EXTRA_DATA_BYTES) {
     if (!repair) return `Too much extra metadata in snapshot table entry ${i}\nYou can force-remove this extra metadata with qemu-img check -r all`;
-    s.report(`Discarding too much extra metadata in snapshot table entry ${i} (${extraDataBytes} > ${MAX_EXTRA_DATA_BYTES})`);
+    s.report(`Discarding too much extra metadata in snapshot table entry ${i} (${extraDataBytes} > ${MAX_SNAPSHOT_EXTRA_DATA_BYTES})`);
     out.extraDropped++;
     truncate = true;
   }
-  await input.take(Math.min(KNOWN_EXTRA_DATA_BYTES, extraDataBytes));
+  const known = await input.take(Math.min(KNOWN_EXTRA_DATA_BYTES, extraDataBytes));
+  let unknownExtra: Uint8Array = new Uint8Array(0);
   if (extraDataBytes > KNOWN_EXTRA_DATA_BYTES) {
     const end = input.offset + extraDataBytes - KNOWN_EXTRA_DATA_BYTES;
-    if (truncate) extraDataBytes = MAX_EXTRA_DATA_BYTES;
-    await input.take(extraDataBytes - KNOWN_EXTRA_DATA_BYTES);
+    if (truncate) extraDataBytes = MAX_SNAPSHOT_EXTRA_DATA_BYTES;
+    unknownExtra = await input.take(extraDataBytes - KNOWN_EXTRA_DATA_BYTES);
     input.offset = end;
   }
-  const idStr = decodeCString(await input.take(idBytes));
-  const name = decodeCString(await input.take(nameBytes));
-  return { snapshot: { l1TableOffset, l1Entries, idStr, name, extraDataBytes }, extraDataBytes, idBytes, nameBytes };
+  const id = await input.take(h.idSize);
+  const name = await input.take(h.nameSize);
+  const entry = snapshotFromParts(h, { known, extraDataBytes, unknownExtra, id, name });
+  const snapshot: CheckSnapshot = { ...entry, idStr: decodeCString(entry.idBytes), name: decodeCString(entry.nameBytes) };
+  return { snapshot, extraDataBytes, idBytes: h.idSize, nameBytes: h.nameSize };
 }

@@ -6,8 +6,9 @@
  *   - the active L1 table and the refcount table, as QEMU loads them at open
  *     (bounded: QEMU's limits are 32 MiB and 8 MiB);
  *   - the snapshot list and the bitmaps extension, filled in by the check;
- *   - the refcounts on disk (`OnDiskRefcounts`), read through a small cache
- *     of refcount blocks and updated write-through when a check repairs;
+ *   - the refcounts on disk (`OnDiskRefcounts`), read and updated through
+ *     a small write-back cache of refcount blocks when a check repairs,
+ *     and where the allocator (check-alloc.ts) looks for free clusters;
  *   - the corruption flags: qcow2_signal_corruption prints one line the
  *     first time; on a writable image it is fatal, sets the corrupt bit and
  *     makes the node unusable (a later check fails with ENOMEDIUM, as
@@ -18,7 +19,8 @@
  *
  * The metadata overlap check before every write is QEMU's default
  * "cached" template (everything but the inactive L2 tables; bits from
- * overlap.ts), tested in QEMU's order against this state.
+ * overlap.ts), tested in QEMU's order against this state; it also tells
+ * where the structure it hit ends, so the allocator can look past it.
  */
 import { BlockError } from '../../block/errors.js';
 import { readAt, type CheckFile, type CheckReport } from './check-io.js';
@@ -26,16 +28,27 @@ import { hex } from './cursor.js';
 import { Autoclear, EntryMask, Incompat, L1_ENTRY_BYTES, Qcow2Geometry, REFTABLE_ENTRY_BYTES } from './format.js';
 import { encodeHeaderCluster, type Qcow2Header, type Qcow2HeaderCluster } from './header.js';
 import { OverlapCheck } from './overlap.js';
+import type { Qcow2Snapshot } from './snapshot-table.js';
 import { readTableEntry, setRefcount } from './tables.js';
 
-/** One internal snapshot, as the check reads it (QCowSnapshot). */
-export interface CheckSnapshot {
-  l1TableOffset: bigint;
-  l1Entries: number;
+/**
+ * One internal snapshot, as the check reads it (QCowSnapshot): the entry
+ * as snapshot-table.ts encodes it, with its id and name decoded for the
+ * messages. `extraDataBytes` is the size after a repair truncated it.
+ */
+export interface CheckSnapshot extends Qcow2Snapshot {
   idStr: string;
   name: string;
-  extraDataBytes: number;
 }
+
+/** The first metadata structure a range overlaps: its name in QEMU's messages, and where it ends. */
+export interface OverlapHit {
+  name: string;
+  endBytes: number;
+}
+
+/** Whether the range under test overlaps structure `name` at [at, at + length). */
+type HitTest = (name: string, at: number, length: number) => OverlapHit | null;
 
 /** Refcount blocks cached (QEMU's default: MIN_REFCOUNT_CACHE_SIZE). */
 const REFBLOCK_CACHE_ENTRIES = 4;
@@ -51,6 +64,8 @@ export class CheckState {
   snapshotsBytes = 0;
   /** A fatal corruption was signalled (QEMU: bs->drv = NULL). */
   unusable = false;
+  /** Where the allocator (check-alloc.ts) looks for free clusters first (QEMU's free_cluster_index). */
+  freeClusterIndex = 0;
   private signalled = false;
   readonly refcounts: OnDiskRefcounts;
 
@@ -135,44 +150,54 @@ export class CheckState {
     throw new BlockError('EIO');
   }
 
-  /** qcow2_check_metadata_overlap with the "cached" template: the first overlapping structure, or null. */
+  /** qcow2_check_metadata_overlap with the "cached" template: the name of the first overlapping structure, or null. */
   metadataOverlap(ignore: number, offset: number, bytes: number): string | null {
+    return this.firstOverlap(ignore, offset, bytes)?.name ?? null;
+  }
+
+  /** The first structure (in QEMU's order) [offset, offset + bytes) overlaps, with where it ends; null if none. */
+  firstOverlap(ignore: number, offset: number, bytes: number): OverlapHit | null {
     if (bytes === 0) return null;
     const cs = this.geometry.clusterBytes;
     const chk = ~ignore;
-    if (chk & OverlapCheck.MAIN_HEADER && offset < cs) return 'qcow2_header';
+    if (chk & OverlapCheck.MAIN_HEADER && offset < cs) return { name: 'qcow2_header', endBytes: cs };
     const start = Math.floor(offset / cs) * cs;
     const size = Math.ceil((offset - start + bytes) / cs) * cs;
-    const hits = (at: number, length: number) => rangesOverlap(start, size, at, length);
+    const hit: HitTest = (name, at, length) => (rangesOverlap(start, size, at, length) ? { name, endBytes: at + length } : null);
     const h = this.header;
-    if (chk & OverlapCheck.ACTIVE_L1 && h.l1Entries && hits(h.l1TableOffset, h.l1Entries * L1_ENTRY_BYTES)) return 'active L1 table';
-    if (chk & OverlapCheck.REFCOUNT_TABLE && this.reftable.length && hits(h.refcountTableOffset, this.reftable.length)) return 'refcount table';
-    if (chk & OverlapCheck.SNAPSHOT_TABLE && this.snapshotsBytes && hits(h.snapshotsOffset, this.snapshotsBytes)) return 'snapshot table';
-    if (chk & OverlapCheck.INACTIVE_L1) {
-      for (const sn of this.snapshots) {
-        if (sn.l1Entries && hits(Number(sn.l1TableOffset), sn.l1Entries * L1_ENTRY_BYTES)) return 'inactive L1 table';
-      }
-    }
-    if (chk & OverlapCheck.ACTIVE_L2 && this.anyTableEntryHits(this.l1, this.l1.length / L1_ENTRY_BYTES, EntryMask.L1_OFFSET, cs, hits)) {
-      return 'active L2 table';
-    }
-    if (chk & OverlapCheck.REFCOUNT_BLOCK && this.anyTableEntryHits(this.reftable, this.reftableEntries, EntryMask.REFT_OFFSET, cs, hits)) {
-      return 'refcount block';
-    }
-    // QEMU tests the directory whenever the autoclear bit is set: without the extension it is [0, 0), which overlaps everything.
-    const bitmaps = this.image.extensions.bitmaps ?? { directoryOffset: 0, directoryBytes: 0 };
-    if (chk & OverlapCheck.BITMAP_DIRECTORY && h.autoclearFeatures & Autoclear.BITMAPS && hits(bitmaps.directoryOffset, bitmaps.directoryBytes)) {
-      return 'bitmap directory';
+    return (
+      (chk & OverlapCheck.ACTIVE_L1 && h.l1Entries ? hit('active L1 table', h.l1TableOffset, h.l1Entries * L1_ENTRY_BYTES) : null) ??
+      (chk & OverlapCheck.REFCOUNT_TABLE && this.reftable.length ? hit('refcount table', h.refcountTableOffset, this.reftable.length) : null) ??
+      (chk & OverlapCheck.SNAPSHOT_TABLE && this.snapshotsBytes ? hit('snapshot table', h.snapshotsOffset, this.snapshotsBytes) : null) ??
+      (chk & OverlapCheck.INACTIVE_L1 ? this.inactiveL1Hit(hit) : null) ??
+      (chk & OverlapCheck.ACTIVE_L2 ? this.tableEntryHit(this.l1, EntryMask.L1_OFFSET, (at) => hit('active L2 table', at, cs)) : null) ??
+      (chk & OverlapCheck.REFCOUNT_BLOCK ? this.tableEntryHit(this.reftable, EntryMask.REFT_OFFSET, (at) => hit('refcount block', at, cs)) : null) ??
+      (chk & OverlapCheck.BITMAP_DIRECTORY ? this.bitmapDirectoryHit(hit) : null)
+    );
+  }
+
+  private inactiveL1Hit(hit: HitTest): OverlapHit | null {
+    for (const sn of this.snapshots) {
+      const found = sn.l1Entries ? hit('inactive L1 table', Number(sn.l1TableOffset), sn.l1Entries * L1_ENTRY_BYTES) : null;
+      if (found !== null) return found;
     }
     return null;
   }
 
-  private anyTableEntryHits(table: Uint8Array, entries: number, mask: bigint, cs: number, hits: (at: number, length: number) => boolean) {
-    for (let i = 0; i < entries; i++) {
+  /** QEMU tests the directory whenever the autoclear bit is set: without the extension it is [0, 0), which overlaps everything. */
+  private bitmapDirectoryHit(hit: HitTest): OverlapHit | null {
+    if (!(this.header.autoclearFeatures & Autoclear.BITMAPS)) return null;
+    const bitmaps = this.image.extensions.bitmaps ?? { directoryOffset: 0, directoryBytes: 0 };
+    return hit('bitmap directory', bitmaps.directoryOffset, bitmaps.directoryBytes);
+  }
+
+  private tableEntryHit(table: Uint8Array, mask: bigint, hitAt: (at: number) => OverlapHit | null): OverlapHit | null {
+    for (let i = 0; i < table.length / L1_ENTRY_BYTES; i++) {
       const at = readTableEntry(table, i) & mask;
-      if (at && hits(Number(at), cs)) return true;
+      const found = at ? hitAt(Number(at)) : null;
+      if (found !== null) return found;
     }
-    return false;
+    return null;
   }
 }
 
@@ -186,14 +211,15 @@ function rangesOverlap(first1: number, length1: number, first2: number, length2:
 }
 
 /**
- * The refcounts on disk (qcow2_get_refcount, and the part of
- * update_refcount a check uses), through a write-back cache of refcount
- * blocks the size and policy of QEMU's default refcount cache (4 blocks,
- * least recently used evicted, written back when evicted, flushed or
- * emptied). Write-back matters: when a fatal corruption makes QEMU's node
- * unusable, the blocks still in its cache are never written, and the file
- * shows it. Reads fail with EIO (after signalling corruption) for an
- * unaligned refcount block offset.
+ * The refcounts on disk (qcow2_get_refcount, and update_refcount's access
+ * to the blocks), through a write-back cache of refcount blocks the size
+ * and policy of QEMU's default refcount cache (4 blocks, least recently
+ * used evicted, written back when evicted, flushed or emptied, each write
+ * after the overlap check QEMU's cache makes: refcount blocks aside, it
+ * must not hit metadata). Write-back matters: when a fatal corruption
+ * makes QEMU's node unusable, the blocks still in its cache are never
+ * written, and the file shows it. Reads fail with EIO (after signalling
+ * corruption) for an unaligned refcount block offset.
  */
 export class OnDiskRefcounts {
   /** Blocks by file offset, least recently used first. */
@@ -201,11 +227,11 @@ export class OnDiskRefcounts {
 
   constructor(private readonly s: CheckState) {}
 
-  /** qcow2_cache_flush: writes the dirty blocks back. */
+  /** qcow2_cache_flush without the file flush: writes the dirty blocks back. */
   async flush(): Promise<void> {
     for (const [offset, entry] of this.cache) {
       if (!entry.dirty) continue;
-      await this.s.file.write(offset, entry.block);
+      await this.writeBack(offset, entry.block);
       entry.dirty = false;
     }
   }
@@ -236,24 +262,47 @@ export class OnDiskRefcounts {
       throw new BlockError('EIO');
     }
     const at = Number(offset);
-    return { block: await this.load(at), index: g.refblockIndex(cluster), offset: at };
+    return { block: await this.block(at), index: g.refblockIndex(cluster), offset: at };
   }
 
-  private async load(at: number): Promise<Uint8Array> {
+  /** The refcount block at file offset `at` (qcow2_cache_get). */
+  async block(at: number): Promise<Uint8Array> {
     let entry = this.cache.get(at);
     if (entry !== undefined) {
       this.cache.delete(at);
     } else {
-      if (this.cache.size >= REFBLOCK_CACHE_ENTRIES) {
-        const [oldest, victim] = this.cache.entries().next().value!;
-        if (victim.dirty) await this.s.file.write(oldest, victim.block);
-        this.cache.delete(oldest);
-      }
       entry = { block: new Uint8Array(this.s.geometry.clusterBytes), dirty: false };
+      await this.makeRoom();
       await readAt(this.s.file, at, entry.block);
     }
     this.cache.set(at, entry);
     return entry.block;
+  }
+
+  /** A new, zeroed refcount block at file offset `at`, dirty (qcow2_cache_get_empty and a memset). */
+  async create(at: number): Promise<Uint8Array> {
+    if (!this.cache.delete(at)) await this.makeRoom();
+    const entry = { block: new Uint8Array(this.s.geometry.clusterBytes), dirty: true };
+    this.cache.set(at, entry);
+    return entry.block;
+  }
+
+  markDirty(at: number): void {
+    const entry = this.cache.get(at);
+    if (entry !== undefined) entry.dirty = true;
+  }
+
+  /** Evicts the least recently used block when the cache is full, writing it back if dirty. */
+  private async makeRoom(): Promise<void> {
+    if (this.cache.size < REFBLOCK_CACHE_ENTRIES) return;
+    const [oldest, victim] = this.cache.entries().next().value!;
+    if (victim.dirty) await this.writeBack(oldest, victim.block);
+    this.cache.delete(oldest);
+  }
+
+  private async writeBack(at: number, block: Uint8Array): Promise<void> {
+    await this.s.preWriteOverlapCheck(OverlapCheck.REFCOUNT_BLOCK, at, block.length);
+    await this.s.file.write(at, block);
   }
 
   /** The refcount of `cluster` on disk (64-bit refcounts keep every bit). */
@@ -268,7 +317,7 @@ export class OnDiskRefcounts {
     if (at === null) return false;
     const reason = setRefcount(at.block, at.index, this.s.geometry.refcountOrder, value);
     if (reason !== null) throw new BlockError('ERANGE', reason);
-    this.cache.get(at.offset)!.dirty = true;
+    this.markDirty(at.offset);
     return true;
   }
 }

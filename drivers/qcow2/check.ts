@@ -16,7 +16,10 @@
  *      compared again, the old structure's clusters being repaired as
  *      leaks;
  *   4. COPIED flags are checked against the refcounts (and repaired);
- *   5. a repairing pass that leaves no corruption and no internal error
+ *   5. with -r all, a snapshot table step 1 found corruptions in (entries
+ *      dropped or incomplete) is written anew (check-snapshots.ts, with
+ *      the allocator of check-alloc.ts on the refcounts just repaired);
+ *   6. a repairing pass that leaves no corruption and no internal error
  *      clears the dirty and corrupt bits.
  * Every message goes to the `report` callback as QEMU prints it (fprintf
  * lines, or error_report lines the caller prefixes with "prog: "), during
@@ -30,7 +33,7 @@
  * Left out (see also the notes of each file): external data files,
  * extended L2 entries, compression types other than deflate and encrypted
  * images are refused at open (validate.ts), as the rest of this driver
- * does; rewriting the snapshot table (-r all on a broken one).
+ * does.
  */
 import { BlockError, strerror, type ErrnoCode } from '../../block/errors.js';
 import type { BdrvChild } from '../../block/node.js';
@@ -153,7 +156,7 @@ export class Qcow2Checker {
     }
     addCheckResult(result, refcountRes, true);
     try {
-      checkFixSnapshotTable(s, snapshotRes, fix);
+      await checkFixSnapshotTable(s, snapshotRes, fix);
     } catch (e) {
       addCheckResult(result, snapshotRes, false);
       return { result, failure: errnoOf(e) };

@@ -108,38 +108,78 @@ function cStringBytes(field: Uint8Array): Uint8Array {
   return (nul < 0 ? field : field.subarray(0, nul)).slice();
 }
 
-/** Entry `index` at the reader's offset, or QEMU's reason for refusing it. */
-async function readEntry(input: ChunkedReader, index: number): Promise<Qcow2Snapshot | string> {
-  const h = new ByteReader(await input.take(SNAPSHOT_HEADER_BYTES));
-  const l1TableOffset = h.u64();
-  const l1Entries = h.u32();
-  const idSize = h.u16();
-  const nameSize = h.u16();
-  const dateSec = h.u32();
-  const dateNsec = h.u32();
-  const vmClockNsec = h.u64();
-  const vmStateSize32 = h.u32();
-  const extraDataBytes = h.u32();
-  if (extraDataBytes > MAX_SNAPSHOT_EXTRA_DATA_BYTES) return `Too much extra metadata in snapshot table entry ${index}`;
-  const known = new ByteReader(await input.take(Math.min(KNOWN_EXTRA_DATA_BYTES, extraDataBytes)));
+/** An entry's fixed part (bytes 0-39 of the byte map). */
+export interface SnapshotEntryHeader {
+  l1TableOffset: bigint;
+  l1Entries: number;
+  idSize: number;
+  nameSize: number;
+  dateSec: number;
+  dateNsec: number;
+  vmClockNsec: bigint;
+  vmStateSize32: number;
+  extraDataBytes: number;
+}
+
+export function decodeSnapshotEntryHeader(bytes: Uint8Array): SnapshotEntryHeader {
+  const h = new ByteReader(bytes);
+  return {
+    l1TableOffset: h.u64(),
+    l1Entries: h.u32(),
+    idSize: h.u16(),
+    nameSize: h.u16(),
+    dateSec: h.u32(),
+    dateNsec: h.u32(),
+    vmClockNsec: h.u64(),
+    vmStateSize32: h.u32(),
+    extraDataBytes: h.u32(),
+  };
+}
+
+/** What follows an entry's fixed part, as read; `extraDataBytes` is the size kept (a repair may have cut it). */
+export interface SnapshotEntryParts {
+  /** The first bytes of the extra data, up to KNOWN_EXTRA_DATA_BYTES. */
+  known: Uint8Array;
+  extraDataBytes: number;
+  unknownExtra: Uint8Array;
+  /** The id and name fields as stored. */
+  id: Uint8Array;
+  name: Uint8Array;
+}
+
+/** The entry from its parts: fields the extra data is too short for take QEMU's defaults. */
+export function snapshotFromParts(h: SnapshotEntryHeader, parts: SnapshotEntryParts): Qcow2Snapshot {
+  const { extraDataBytes } = parts;
+  const known = new ByteReader(parts.known);
   const vmStateLarge = known.u64();
   const diskSize = known.u64();
   const icount = known.u64();
-  const unknownExtra = (await input.take(Math.max(0, extraDataBytes - KNOWN_EXTRA_DATA_BYTES))).slice();
   return {
-    l1TableOffset,
-    l1Entries,
-    idBytes: cStringBytes(await input.take(idSize)),
-    nameBytes: cStringBytes(await input.take(nameSize)),
-    dateSec,
-    dateNsec,
-    vmClockNsec,
-    vmStateBytes: extraDataBytes >= EXTRA_END.VM_STATE_SIZE ? vmStateLarge : BigInt(vmStateSize32),
+    l1TableOffset: h.l1TableOffset,
+    l1Entries: h.l1Entries,
+    idBytes: cStringBytes(parts.id),
+    nameBytes: cStringBytes(parts.name),
+    dateSec: h.dateSec,
+    dateNsec: h.dateNsec,
+    vmClockNsec: h.vmClockNsec,
+    vmStateBytes: extraDataBytes >= EXTRA_END.VM_STATE_SIZE ? vmStateLarge : BigInt(h.vmStateSize32),
     diskBytes: extraDataBytes >= EXTRA_END.DISK_SIZE ? diskSize : null,
     icount: extraDataBytes >= EXTRA_END.ICOUNT && icount !== ICOUNT_NONE ? icount : null,
     extraDataBytes,
-    unknownExtra,
+    unknownExtra: parts.unknownExtra.slice(),
   };
+}
+
+/** Entry `index` at the reader's offset, or QEMU's reason for refusing it. */
+async function readEntry(input: ChunkedReader, index: number): Promise<Qcow2Snapshot | string> {
+  const h = decodeSnapshotEntryHeader(await input.take(SNAPSHOT_HEADER_BYTES));
+  const extraDataBytes = h.extraDataBytes;
+  if (extraDataBytes > MAX_SNAPSHOT_EXTRA_DATA_BYTES) return `Too much extra metadata in snapshot table entry ${index}`;
+  const known = await input.take(Math.min(KNOWN_EXTRA_DATA_BYTES, extraDataBytes));
+  const unknownExtra = await input.take(Math.max(0, extraDataBytes - KNOWN_EXTRA_DATA_BYTES));
+  const id = await input.take(h.idSize);
+  const name = await input.take(h.nameSize);
+  return snapshotFromParts(h, { known, extraDataBytes, unknownExtra, id, name });
 }
 
 /** The `count` entries of the table at `tableOffset`, or QEMU's reason for refusing the table. */

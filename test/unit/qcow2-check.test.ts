@@ -9,7 +9,6 @@
  */
 import { describe, expect, it } from 'vitest';
 import { toJsonPretty } from '../../block/qjson.js';
-import { BlockError } from '../../block/errors.js';
 import { Qcow2Checker, checkImage, MAX_CHECK_CLUSTERS, type CheckFile, type CheckOutcome } from '../../drivers/qcow2/check.js';
 import { IMRT_MAX_BYTES } from '../../drivers/qcow2/check-imrt.js';
 import { EntryMask, Incompat, Qcow2Geometry } from '../../drivers/qcow2/format.js';
@@ -17,37 +16,7 @@ import { encodeHeaderCluster, decodeHeader, type Qcow2Header } from '../../drive
 import { emptyExtensions } from '../../drivers/qcow2/extensions.js';
 import { getRefcount, readTableEntry, setRefcount, writeTableEntry } from '../../drivers/qcow2/tables.js';
 import { humanSummary, imageCheckOf, printfFixed2 } from '../../qemu-img-ts/img/check.js';
-
-/** A growable file in memory; its length reads in whole 512-byte sectors, as bdrv_getlength's. */
-class MemFile implements CheckFile {
-  writable = true;
-  writes = 0;
-  constructor(public bytes: Uint8Array) {}
-  get lengthBytes(): number {
-    return Math.ceil(this.bytes.length / 512) * 512;
-  }
-  async read(offset: number, buf: Uint8Array): Promise<void> {
-    buf.fill(0);
-    buf.set(this.bytes.subarray(offset, offset + buf.length));
-  }
-  async write(offset: number, data: Uint8Array): Promise<void> {
-    if (!this.writable) throw new BlockError('EPERM');
-    this.writes++;
-    this.grow0(offset + data.length);
-    this.bytes.set(data, offset);
-  }
-  async grow(bytes: number): Promise<void> {
-    this.grow0(bytes);
-  }
-  async discard(): Promise<void> {}
-  async flush(): Promise<void> {}
-  private grow0(bytes: number): void {
-    if (bytes <= this.bytes.length) return;
-    const grown = new Uint8Array(bytes);
-    grown.set(this.bytes);
-    this.bytes = grown;
-  }
-}
+import { MemCheckFile as MemFile } from '../helpers/mem-check-file.js';
 
 /**
  * An image with 512-byte clusters: 0 header, 1 refcount table, 2 refcount
