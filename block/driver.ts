@@ -95,6 +95,8 @@ export interface BlockDriver {
   readonly name: string;
   /** Set on protocol drivers (they talk to storage, not to another node). */
   readonly protocolName?: string;
+  /** Further URI schemes this protocol answers to (QEMU registers one driver per scheme: `nbd+unix`, …). */
+  readonly protocolAliases?: readonly string[];
   readonly isFilter?: boolean;
   readonly isFormat?: boolean;
   readonly supportsBacking?: boolean;
@@ -226,6 +228,7 @@ const nothing = async (): Promise<void> => {};
 export function normaliseDriver(d: BlockDriver): NormalisedDriver {
   return {
     ...d,
+    protocolAliases: d.protocolAliases ?? [],
     isFilter: d.isFilter ?? false,
     isFormat: d.isFormat ?? false,
     supportsBacking: d.supportsBacking ?? false,

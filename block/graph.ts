@@ -81,6 +81,11 @@ export class BlockGraph {
    * issue one request at a time turn it on; servers leave it off.
    */
   syncIo = false;
+  /**
+   * User-created objects by id (`--object`), for drivers that name one in
+   * their options (nbd's `tls-creds`). The tools put their registry here.
+   */
+  objects: ReadonlyMap<string, { qomType: string; id: string; props: Record<string, unknown> }> = new Map();
 
   constructor(drivers: readonly BlockDriver[]) {
     for (const d of drivers) this.drivers.set(d.name, normaliseDriver(d));
@@ -107,7 +112,7 @@ export class BlockGraph {
   protocolFor(filename: string): NormalisedDriver {
     const m = PROTOCOL_PREFIX.exec(filename);
     if (!m) return this.driver('file');
-    for (const d of this.drivers.values()) if (d.protocolName === m[1]) return d;
+    for (const d of this.drivers.values()) if (d.protocolName === m[1] || d.protocolAliases.includes(m[1]!)) return d;
     throw new BlockError('EINVAL', `Unknown protocol '${m[1]}'`);
   }
 

@@ -5,10 +5,11 @@
 import type { BlockDriver } from '../block/driver.js';
 import { blkdebugDriver } from './blkdebug.js';
 import { fileDriver } from './file/file.js';
+import { nbdDriver } from './nbd.js';
 import { nullDriver } from './null.js';
 import { qcow2Driver } from './qcow2/qcow2.js';
 import { rawDriver } from './raw.js';
 
-export const builtinDrivers: readonly BlockDriver[] = [fileDriver, rawDriver, qcow2Driver, nullDriver, blkdebugDriver];
+export const builtinDrivers: readonly BlockDriver[] = [fileDriver, rawDriver, qcow2Driver, nullDriver, blkdebugDriver, nbdDriver];
 
 export { blkdebugDriver, fileDriver, nullDriver, qcow2Driver, rawDriver };

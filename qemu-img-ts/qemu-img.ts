@@ -110,6 +110,7 @@ async function main(args: string[]): Promise<number> {
   const cmd = COMMANDS.find((c) => c.command.name() === name);
   if (!cmd) throw usageError(`Command not found: ${name}`);
   const ctx: ImgContext = { graph, objects: new ObjectRegistry(), out, helpText: () => helpText(program, graph) };
+  graph.objects = ctx.objects.objects;
   return cmd.run(ctx, [name, ...rest]);
 }
 

@@ -25,6 +25,7 @@ const root = path.resolve(here, '..');
 const TOOLS = {
   'qemu-img-ts': 'dist/qemu-img-ts/qemu-img.js',
   'qemu-io-ts': 'dist/qemu-img-ts/qemu-io.js',
+  'qemu-nbd-ts': 'dist/qemu-img-ts/qemu-nbd.js',
 };
 const binDir = path.join(root, 'dist', 'bin');
 

@@ -42,6 +42,16 @@ import { resizeFile } from './resize.js';
 interface FileState extends HostFile {
   host: HostIo;
   isBlockDevice: boolean;
+  /**
+   * The last data region SEEK_DATA/SEEK_HOLE found (QEMU's block-status
+   * cache, bdrv_bsc_*): later block status inside it skips the lseeks,
+   * which cost time proportional to the file on some file systems (tmpfs).
+   * Only zeroing, discarding and truncating can turn data into holes; they
+   * clear it. A block status racing with one may cache the region before
+   * the hole exists; that can only report DATA for a hole, always a safe
+   * answer (reads then read the zeroes).
+   */
+  dataCache: { start: number; end: number } | null;
 }
 
 const state = (node: BlockNode) => node.opaque as FileState;
@@ -106,7 +116,14 @@ async function open(node: BlockNode, options: Record<string, unknown>): Promise<
       throw new BlockError('EINVAL', `'file' driver requires '${filename}' to be a regular file`);
     }
     const directIo = direct ? await setUpDirectIo(node, fh, host) : null;
-    node.opaque = { fh, direct: directIo, host, isBlockDevice: st.isBlockDevice(), syncIo: node.openFlags.syncIo } satisfies FileState;
+    node.opaque = {
+      fh,
+      direct: directIo,
+      host,
+      isBlockDevice: st.isBlockDevice(),
+      syncIo: node.openFlags.syncIo,
+      dataCache: null,
+    } satisfies FileState;
   } catch (e) {
     await fh.close();
     throw toBlockError(e);
@@ -131,6 +148,7 @@ async function coPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array):
 
 async function coPwriteZeroes(node: BlockNode, offsetBytes: number, bytes: number, flags: number): Promise<void> {
   const s = state(node);
+  s.dataCache = null;
   if (flags & Req.MAY_UNMAP && !s.isBlockDevice) {
     const length = (await s.fh.stat()).size;
     await s.host.punchHole(s.fh.fd, offsetBytes, bytes);
@@ -142,6 +160,7 @@ async function coPwriteZeroes(node: BlockNode, offsetBytes: number, bytes: numbe
 
 async function coPdiscard(node: BlockNode, offsetBytes: number, bytes: number): Promise<void> {
   const s = state(node);
+  s.dataCache = null;
   const length = (await s.fh.stat()).size;
   if (offsetBytes >= length) return;
   await s.host.punchHole(s.fh.fd, offsetBytes, Math.min(bytes, length - offsetBytes));
@@ -157,7 +176,12 @@ async function coFlushToDisk(node: BlockNode): Promise<void> {
 async function coBlockStatus(node: BlockNode, wantZero: boolean, offsetBytes: number, bytes: number) {
   const base = { map: offsetBytes, file: node };
   if (!wantZero) return { status: Status.DATA | Status.OFFSET_VALID, pnum: bytes, ...base };
-  const { fh, host } = state(node);
+  const s = state(node);
+  const { fh, host } = s;
+  const cached = s.dataCache;
+  if (cached && offsetBytes >= cached.start && offsetBytes < cached.end) {
+    return { status: Status.DATA | Status.OFFSET_VALID, pnum: Math.min(bytes, cached.end - offsetBytes), ...base };
+  }
   let dataAt: number | null;
   try {
     dataAt = host.seekData(fh.fd, offsetBytes);
@@ -169,12 +193,14 @@ async function coBlockStatus(node: BlockNode, wantZero: boolean, offsetBytes: nu
     return { status: Status.ZERO | Status.OFFSET_VALID, pnum: Math.min(bytes, dataAt - offsetBytes), ...base };
   }
   const holeAt = host.seekHole(fh.fd, offsetBytes) ?? offsetBytes + bytes;
+  if (holeAt > offsetBytes) s.dataCache = { start: offsetBytes, end: holeAt };
   return { status: Status.DATA | Status.OFFSET_VALID, pnum: Math.min(bytes, Math.max(holeAt - offsetBytes, 1)), ...base };
 }
 
 /** Regular files resize (resize.ts); devices keep their size (raw_co_truncate). */
 async function coTruncate(node: BlockNode, offsetBytes: number, exact: boolean, prealloc: Prealloc): Promise<void> {
   const s = state(node);
+  s.dataCache = null;
   if (!s.isBlockDevice) {
     await resizeFile(s, s.host, offsetBytes, prealloc);
     return;

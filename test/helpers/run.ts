@@ -11,7 +11,15 @@ export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '
 const BINS: Record<string, string> = {
   'qemu-img-ts': 'dist/bin/qemu-img-ts.mjs',
   'qemu-io-ts': 'dist/bin/qemu-io-ts.mjs',
+  'qemu-nbd-ts': 'dist/bin/qemu-nbd-ts.mjs',
 };
+
+/** The command line that runs one of our tools (`[node, bin]`). */
+export function oursCommand(tool: string): [string, string] {
+  const bin = BINS[tool];
+  if (!bin) throw new Error(`unknown tool ${tool}`);
+  return [process.execPath, path.join(ROOT, bin)];
+}
 
 export interface RunResult {
   stdout: string;
@@ -60,7 +68,6 @@ export function run(cmd: string, args: string[], opts: RunOptions = {}): Promise
 
 /** Runs one of our tools (`qemu-img-ts`, `qemu-io-ts`, …) from dist/. */
 export function runOurs(tool: string, args: string[], opts: RunOptions = {}): Promise<RunResult> {
-  const bin = BINS[tool];
-  if (!bin) throw new Error(`unknown tool ${tool}`);
-  return run(process.execPath, [path.join(ROOT, bin), ...args], opts);
+  const [node, bin] = oursCommand(tool);
+  return run(node, [bin, ...args], opts);
 }
