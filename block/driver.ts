@@ -32,6 +32,7 @@ import type { BlockNode, BdrvChild, ChildRoleFlags } from './node.js';
 import type { BlockGraph } from './graph.js';
 import type { MeasureInfo, MeasureRequest } from './measure.js';
 import type { SnapshotCreateRequest, SnapshotInfo, SnapshotReport } from './snapshot.js';
+import type { PersistentBitmapHooks } from './dirty-bitmap.js';
 
 /** What a driver's block status says about [offset, offset + pnum). */
 export interface BlockStatusResult {
@@ -185,6 +186,8 @@ export interface BlockDriver {
    * '<name>' does not support option amendment".
    */
   amend?(node: BlockNode, request: AmendRequest): Promise<void>;
+  /** Persistent dirty bitmaps stored in the image (qcow2); only block/dirty-bitmap-ops.ts calls them. Absent: none. */
+  readonly persistentBitmaps?: PersistentBitmapHooks;
 }
 
 /** What bdrv_amend_options gets besides the node. */
@@ -203,12 +206,14 @@ export interface AmendRequest {
 type SnapshotMember = 'snapshotCreate' | 'snapshotGoto' | 'snapshotDelete' | 'snapshotList' | 'hasDirtyBitmaps';
 /** Optional members only qemu-img amend uses (it reports what a driver lacks). */
 type AmendMember = 'amend' | 'amendOpts';
+/** Optional members only block/dirty-bitmap-ops.ts uses (it supplies what a driver lacks). */
+type BitmapMember = 'persistentBitmaps';
 
 /** A driver with every method present (see the note at the top). */
 export type NormalisedDriver = Required<
-  Omit<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize' | 'measure' | 'snapshotLoadTmp' | SnapshotMember | AmendMember>
+  Omit<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize' | 'measure' | 'snapshotLoadTmp' | SnapshotMember | AmendMember | BitmapMember>
 > &
-  Pick<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize' | 'measure' | 'snapshotLoadTmp' | SnapshotMember | AmendMember> & {
+  Pick<BlockDriver, 'protocolName' | 'createOpts' | 'strongOptions' | 'probe' | 'coCreate' | 'getAllocatedFileSize' | 'measure' | 'snapshotLoadTmp' | SnapshotMember | AmendMember | BitmapMember> & {
     readonly has: {
       readonly pwritev: boolean;
       /** block_driver_can_compress: the driver takes Req.WRITE_COMPRESSED writes. */

@@ -27,7 +27,11 @@
  *   6. bumps the write generation when the driver calls return (before an
  *      emulated FUA flush, which must see the write as unflushed; a flush
  *      with nothing new to flush is free) and, after a successful write
- *      past the end, grows the cached length to a whole sector.
+ *      past the end, grows the cached length to a whole sector;
+ *   7. marks the node's recording dirty bitmaps (dirty-bitmap.ts) with the
+ *      aligned range of every write, write-zeroes and discard that reached
+ *      the driver, failed or not, as QEMU's bdrv_co_write_req_finish does,
+ *      and resizes them after a truncate.
  *
  * Reads past the end of a node (only possible inside its last aligned block,
  * or from a parent reading a short backing file) return zeroes. The
@@ -37,6 +41,7 @@ import { BlockError } from './errors.js';
 import { Perm, Req, alignDown, alignUp, isAligned, type Prealloc } from './flags.js';
 import type { BdrvChild, BlockNode } from './node.js';
 import { beginTracked, endTracked, markSerialising, waitSerialising, type TrackedRequest } from './tracked.js';
+import { markDirty, resizeDirtyBitmaps } from './dirty-bitmap.js';
 
 /** Node lengths are whole multiples of this (QEMU's BDRV_SECTOR_SIZE). */
 export const SECTOR_BYTES = 512;
@@ -214,16 +219,19 @@ async function alignedWrite(
     flags |= Req.ZERO_WRITE;
     if (mode === 'unmap' && node.openFlags.unmap) flags |= Req.MAY_UNMAP;
   }
-  let needFlush: boolean;
+  let needFlush = false;
+  let written = false;
   try {
     needFlush = flags & Req.ZERO_WRITE || !buf
       ? await doPwriteZeroes(node, offsetBytes, bytes, flags)
       : await driverPwritev(node, offsetBytes, buf, flags);
+    written = true;
   } finally {
     node.writeGen++;
+    const end = offsetBytes + bytes;
+    if (written && end > node.totalBytes) node.totalBytes = alignUp(end, SECTOR_BYTES);
+    if (node.dirtyBitmaps.length > 0) markDirty(node, offsetBytes, bytes);
   }
-  const end = offsetBytes + bytes;
-  if (end > node.totalBytes) node.totalBytes = alignUp(end, SECTOR_BYTES);
   if (needFlush) await flush(node);
 }
 
@@ -380,6 +388,7 @@ export async function pdiscard(child: BdrvChild, offsetBytes: number, bytes: num
       await discardChunks(node, offsetBytes, bytes);
     } finally {
       node.writeGen++;
+      if (node.dirtyBitmaps.length > 0) markDirty(node, offsetBytes, bytes);
     }
   });
 }
@@ -504,6 +513,7 @@ export async function truncate(
     } finally {
       node.writeGen++;
       await refreshLength(node);
+      resizeDirtyBitmaps(node);
     }
   });
 }

@@ -29,6 +29,7 @@ import { BlockError } from './errors.js';
 import { Perm, permNames } from './flags.js';
 import type { NormalisedDriver } from './driver.js';
 import type { TrackedRequest } from './tracked.js';
+import type { DirtyBitmap } from './dirty-bitmap.js';
 
 /** Child role bits (BdrvChildRole). */
 export const ChildRole = {
@@ -167,6 +168,8 @@ export class BlockNode implements EdgeParent {
   flushedGen = 0;
   /** The flush in progress, which later flushes of the same generation join. */
   activeFlush: Promise<void> | null = null;
+  /** Dirty bitmaps on this node, newest first (block/dirty-bitmap.ts); the gate marks the recording ones. */
+  readonly dirtyBitmaps: DirtyBitmap[] = [];
   private idleWaiters: Array<() => void> = [];
 
   constructor(driver: NormalisedDriver, nodeName: string, autoNamed: boolean, readOnly: boolean, openFlags: OpenFlags) {

@@ -23,6 +23,7 @@ import { BlockGraph } from '../block/graph.js';
 import { builtinDrivers } from '../drivers/index.js';
 import { processOutput, runMain, usageError, warningText } from './cli-common.js';
 import { amendCommand } from './img/amend.js';
+import { bitmapCommand } from './img/bitmap.js';
 import { checkCommand } from './img/check.js';
 import { commitCommand } from './img/commit.js';
 import { compareCommand } from './img/compare.js';
@@ -40,7 +41,7 @@ import { rebaseCommand } from './img/rebase.js';
 import { resizeCommand } from './img/resize.js';
 
 /** The subcommands, in the order the help lists them. */
-const COMMANDS: readonly ImgCommand[] = [amendCommand, checkCommand, commitCommand, compareCommand, convertCommand, createCommand, ddCommand, infoCommand, mapCommand, measureCommand, snapshotCommand, rebaseCommand, resizeCommand];
+const COMMANDS: readonly ImgCommand[] = [amendCommand, bitmapCommand, checkCommand, commitCommand, compareCommand, convertCommand, createCommand, ddCommand, infoCommand, mapCommand, measureCommand, snapshotCommand, rebaseCommand, resizeCommand];
 
 /** Column where the descriptions of the standard options start. */
 const HELP_TERM_COLUMNS = 22;

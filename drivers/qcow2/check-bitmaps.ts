@@ -34,7 +34,7 @@ import { Limits, TABLE_ENTRY_BYTES } from './format.js';
 import { readTableEntry } from './tables.js';
 
 /** Bitmap directory entry constraints (qcow2-bitmap.c). */
-const BME = {
+export const BME = {
   MAX_TABLE_SIZE: 0x8000000,
   MAX_PHYS_SIZE: 0x20000000,
   MAX_GRANULARITY_BITS: 31,
@@ -114,7 +114,7 @@ function dirEntryValid(s: BitmapDirectorySource, e: RawDirEntry): boolean {
 }
 
 /** check_table_entry. */
-function tableEntryValid(entry: bigint, clusterBytes: number): boolean {
+export function tableEntryValid(entry: bigint, clusterBytes: number): boolean {
   if (entry & BME.TABLE_ENTRY_RESERVED_MASK) return false;
   const offset = entry & BME.TABLE_ENTRY_OFFSET_MASK;
   return offset === 0n || (!(entry & BME.TABLE_ENTRY_ALL_ONES) && offset % BigInt(clusterBytes) === 0n);

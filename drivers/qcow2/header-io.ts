@@ -22,7 +22,7 @@
 import { BlockError } from '../../block/errors.js';
 import { flush, pwritev } from '../../block/io.js';
 import { ByteWriter } from './cursor.js';
-import { Autoclear, Incompat } from './format.js';
+import { Incompat } from './format.js';
 import { encodeHeaderCluster } from './header.js';
 import type { Qcow2State } from './state.js';
 
@@ -75,19 +75,6 @@ export async function markClean(s: Qcow2State): Promise<void> {
   await s.refcountCache.flush();
   header.incompatibleFeatures &= ~Incompat.DIRTY;
   await updateHeader(s);
-}
-
-/**
- * Clears the "bitmaps consistent" autoclear bit, synced (lock held). Done
- * before the first guest-visible change: persistent bitmaps are not kept up
- * to date here, so they must not claim to be (QEMU then drops them). The
- * bitmaps extension itself is kept as it is.
- */
-export async function clearBitmapsBit(s: Qcow2State): Promise<void> {
-  if (!(s.image.header.autoclearFeatures & Autoclear.BITMAPS)) return;
-  s.image.header.autoclearFeatures &= ~Autoclear.BITMAPS;
-  await updateHeader(s);
-  await flushFile(s);
 }
 
 /** Refcounts must be exact on disk (no dirty bit): qcow2_need_accurate_refcounts. */

@@ -31,8 +31,8 @@ import type { BlockNode } from '../../block/node.js';
 import { abortAllocation, finishAllocation, finishInplace, inplaceFast, linkAllocation, planWrite, waitFor, type WriteStep } from './alloc.js';
 import { mapRun, mapRunCached, type Run } from './cluster.js';
 import { readBacking, readCompressed, readCow } from './cow.js';
-import { Autoclear, Qcow2Version } from './format.js';
-import { checkUsable, clearBitmapsBit, needAccurateRefcounts, writeFile } from './header-io.js';
+import { Qcow2Version } from './format.js';
+import { checkUsable, needAccurateRefcounts, writeFile } from './header-io.js';
 import { ClusterType } from './l2.js';
 import { overlapCheck, overlapClear } from './overlap.js';
 import { detectMetadataPreallocation } from './prealloc.js';
@@ -92,11 +92,13 @@ export async function readGuest(s: Qcow2State, offsetBytes: number, buf: Uint8Ar
   }
 }
 
-/** Clears the bitmaps autoclear bit before the first guest write: bitmaps are not kept up to date here. */
+/**
+ * What every guest write checks first. Persistent bitmaps need nothing
+ * here: they were loaded and marked in use at open (bitmap-load.ts), the
+ * gate marks them, and close stores them.
+ */
 export async function beforeGuestWrite(s: Qcow2State): Promise<void> {
   checkUsable(s);
-  if (!(s.image.header.autoclearFeatures & Autoclear.BITMAPS)) return;
-  await s.lock.run(() => clearBitmapsBit(s));
 }
 
 export async function coPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array): Promise<void> {

@@ -12,8 +12,11 @@
  *      and reads cluster 0 again;
  *   5. the L1 table, the refcount table, the snapshot table's extents; the
  *      stale-bitmaps warnings of qcow2_read_extensions;
- *   6. writable: unknown autoclear bits are cleared and a stale bitmaps
- *      extension dropped (one header rewrite), as QEMU does at open;
+ *   6. persistent bitmaps loaded (bitmap-load.ts; on a writable open they
+ *      are marked in use on disk); writable: unknown autoclear bits are
+ *      cleared and a stale bitmaps extension dropped (one header rewrite,
+ *      unless loading the bitmaps rewrote the header already), as QEMU
+ *      does at open;
  *   7. the backing file: the `backing` option (a node, options, or null
  *      for none), else the name in the header, relative names taken from
  *      the image's directory, opened read-only with the header's format
@@ -22,7 +25,8 @@
  *      ("Backing file '…' creates an infinite loop."): the chain of files
  *      travels down in a symbol-keyed field of the backing's options,
  *      invisible to option parsing and to json: filenames.
- * Close (lock held): write back both caches, clear the dirty bit, flush.
+ * Close (lock held): store the persistent bitmaps (bitmap-store.ts), write
+ * back both caches, clear the dirty bit, flush.
  */
 import path from 'node:path';
 import { BlockError, toBlockError } from '../../block/errors.js';
@@ -45,6 +49,8 @@ import { NO_SNAPSHOTS, inactiveL2Tables, readSnapshotExtents } from './snapshots
 import { entryOffset } from './l2.js';
 import { stateOf, type Qcow2State } from './state.js';
 import { invalidForWriting, reasonToError } from './validate.js';
+import { loadQcow2Bitmaps } from './bitmap-load.js';
+import { storeQcow2Bitmaps } from './bitmap-store.js';
 
 /** The files being opened above a backing file, outermost first (see the note at the top). */
 export const BACKING_CHAIN = Symbol('qcow2 backing chain');
@@ -165,11 +171,13 @@ export async function openQcow2(node: BlockNode, raw: RawOptions, ctx: OpenConte
   const s = await buildState(node, ctx, file, image, raw);
   node.opaque = s;
   const h = image.header;
-  if (writable && (h.autoclearFeatures & ~AUTOCLEAR_KNOWN_MASK || image.extensions.staleBitmaps)) {
+  const fixHeader = writable && (h.autoclearFeatures & ~AUTOCLEAR_KNOWN_MASK || image.extensions.staleBitmaps);
+  if (fixHeader) {
     h.autoclearFeatures &= AUTOCLEAR_KNOWN_MASK;
     image.extensions.staleBitmaps = false;
-    await updateHeader(s);
   }
+  const headerWritten = await loadQcow2Bitmaps(s);
+  if (fixHeader && !headerWritten) await updateHeader(s);
   node.limits.requestAlignment = 1;
   node.limits.pwriteZeroesAlignment = s.clusterBytes;
   node.limits.pdiscardAlignment = s.clusterBytes;
@@ -207,14 +215,25 @@ async function openBacking(node: BlockNode, s: Qcow2State, raw: RawOptions, ctx:
   }
 }
 
-/** qcow2_close: caches written, dirty bit cleared, file flushed (writable, usable images). */
+/**
+ * qcow2_close (qcow2_inactivate): persistent bitmaps stored, caches
+ * written, dirty bit cleared, file flushed (writable, usable images). When
+ * the bitmaps cannot be stored the rest still happens but the image is not
+ * marked clean, and the close fails with QEMU's "Lost persistent bitmaps"
+ * message.
+ */
 export async function closeQcow2(node: BlockNode): Promise<void> {
   const s = stateOf(node);
   if (!s || !s.writable || !s.usable) return;
   await s.lock.run(async () => {
+    const lost = await storeQcow2Bitmaps(s).then(
+      () => null,
+      (e: unknown) => toBlockError(e, `Lost persistent bitmaps during inactivation of node '${node.nodeName}'`),
+    );
     await s.l2Cache.flush();
     await s.refcountCache.flush();
-    await markClean(s);
+    if (!lost) await markClean(s);
     await flushFile(s);
+    if (lost) throw lost;
   });
 }

@@ -23,7 +23,8 @@
  *
  * What qemu-img info shows: getInfo (cluster size, dirty bit, backing file
  * and format as stored) and getSpecificInfo in qemu-img 7.2's key order
- * (v2 images have fewer keys); persistent bitmaps are not listed yet.
+ * (v2 images have fewer keys), with the persistent bitmaps of the
+ * directory as on disk (name, granularity, flags in-use/auto).
  */
 import type { BlockDriver, DriverInfo, SpecificInfo } from '../../block/driver.js';
 import type { DriverBackingInfo } from '../../block/info.js';
@@ -43,6 +44,8 @@ import { coTruncate } from './truncate.js';
 import { QCOW2_AMEND_OPTS, amendQcow2 } from './amend.js';
 import { makeEmpty } from './make-empty.js';
 import { changeBackingFile } from './backing-change.js';
+import { qcow2BitmapHooks } from './bitmap-store.js';
+import { bitmapInfoList } from './bitmap-dir.js';
 import { qcow2HasDirtyBitmaps, qcow2SnapshotCreate, qcow2SnapshotDelete, qcow2SnapshotGoto, qcow2SnapshotList, qcow2SnapshotLoadTmp } from './snapshot-ops.js';
 
 /** qcow2_probe: the magic and a version of at least 2, in a full header's worth of bytes. */
@@ -75,7 +78,9 @@ function getSpecificInfo(node: BlockNode): SpecificInfo {
           'refcount-bits': 2 ** h.refcountOrder,
           corrupt: (h.incompatibleFeatures & Incompat.CORRUPT) !== 0n,
           'extended-l2': (h.incompatibleFeatures & Incompat.EXTL2) !== 0n,
+          bitmaps: bitmapInfoList(stateOf(node)),
         };
+  if (data.bitmaps === undefined) delete data.bitmaps;
   return { type: 'qcow2', data };
 }
 
@@ -115,6 +120,7 @@ export function makeQcow2Driver(opts: { repairDirty?: DirtyRepair } = {}): Block
     hasDirtyBitmaps: qcow2HasDirtyBitmaps,
     amendOpts: QCOW2_AMEND_OPTS,
     amend: amendQcow2,
+    persistentBitmaps: qcow2BitmapHooks,
   };
 }
 

@@ -28,6 +28,7 @@ import type { Qcow2Geometry } from './format.js';
 import type { Qcow2HeaderCluster } from './header.js';
 import type { ImageLock } from './lock.js';
 import type { SnapshotExtents } from './snapshots.js';
+import type { DirBitmap } from './check-bitmaps.js';
 
 /** Why a cluster is freed (qcow2_discard_type): decides whether the file gets a discard. */
 export const DiscardType = { NEVER: 0, ALWAYS: 1, REQUEST: 2, SNAPSHOT: 3, OTHER: 4 } as const;
@@ -136,6 +137,8 @@ export interface Qcow2State {
   compressedCache: { hi: number; lo: number; data: Uint8Array } | null;
   /** Spare buffers for assembling allocating writes (see io.ts), so they are not garbage per write. */
   readonly assembly: Uint8Array[];
+  /** The persistent bitmap directory as on disk (bitmap-dir.ts; absent or empty: none). */
+  bitmapDirectory?: DirBitmap[];
   /** Prints a warning the way QEMU's tools do (verbatim: as is, no prefix). */
   warn(message: string, verbatim?: boolean): void;
 }

@@ -25,7 +25,8 @@ import { BlockError } from '../../block/errors.js';
 import { Req, type Prealloc } from '../../block/flags.js';
 import type { BlockNode } from '../../block/node.js';
 import { Qcow2Version } from './format.js';
-import { checkUsable, clearBitmapsBit, needAccurateRefcounts, writeVirtualSize } from './header-io.js';
+import { checkUsable, needAccurateRefcounts, writeVirtualSize } from './header-io.js';
+import { truncateBitmapsCheck } from './bitmap-load.js';
 import { coPwritev, readGuest } from './io.js';
 import { growL1 } from './l2.js';
 import { preallocateData, preallocateMetadata } from './prealloc.js';
@@ -54,7 +55,7 @@ function checkResizable(s: Qcow2State): void {
 async function grow(s: Qcow2State, node: BlockNode, oldBytes: number, newBytes: number, prealloc: Prealloc, zeroWrite: boolean) {
   await s.lock.run(async () => {
     checkResizable(s);
-    await clearBitmapsBit(s);
+    await truncateBitmapsCheck(s);
     try {
       await growL1(s, s.geometry.l1EntriesFor(newBytes), true);
     } catch (e) {
@@ -103,8 +104,8 @@ async function zeroNewArea(s: Qcow2State, node: BlockNode, oldBytes: number, new
 async function shrink(s: Qcow2State, oldBytes: number, newBytes: number, prealloc: Prealloc) {
   await s.lock.run(async () => {
     checkResizable(s);
+    await truncateBitmapsCheck(s);
     if (prealloc !== 'off') throw new BlockError('EINVAL', "Preallocation can't be used for shrinking an image");
-    await clearBitmapsBit(s);
   });
   await discardCropped(s, newBytes, oldBytes);
   await s.lock.run(async () => {
