@@ -8,11 +8,13 @@
  * --target-image-opts without -n, -n with -o, --target-is-zero without
  * -n), `-o help`, "Must specify image file name", the source cache mode,
  * the sources (opened read-only), -l, the target format and -o options,
- * the backing-file rules, the compression rules, --bitmaps, the creation
- * of the target (errors as "TARGET: error while converting FMT: …"), the
- * target cache mode (-t, default unsafe: no flushes), the target's open,
- * its size (-n), then the copy. Progress (-p) prints only on a terminal
- * (img/progress.ts).
+ * the backing-file rules, the compression rules, --bitmaps (single source,
+ * bitmap support, no inconsistent bitmap unless --skip-broken-bitmaps), the
+ * creation of the target (errors as "TARGET: error while converting FMT: …"),
+ * the target cache mode (-t, default unsafe: no flushes), the target's open,
+ * its size (-n), bitmap support of the target, the copy, then --bitmaps'
+ * copy of every persistent bitmap (written when the target closes).
+ * Progress (-p) prints only on a terminal (img/progress.ts).
  */
 import { Option } from 'commander';
 import { BlockBackend } from '../../block/backend.js';
@@ -22,6 +24,7 @@ import type { NormalisedDriver } from '../../block/driver.js';
 import { BlockError, strerror } from '../../block/errors.js';
 import type { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
+import { bitmapsCopyRefusal, copyPersistentBitmaps, supportsPersistentBitmaps } from '../../block/dirty-bitmap-ops.js';
 import { loadSnapshotTmp, type SnapshotRef } from '../../block/snapshot-tmp.js';
 import { SECTOR_BYTES } from '../../block/zero-scan.js';
 import { CliError } from '../cli-common.js';
@@ -213,7 +216,7 @@ async function convert(
   }
   checkBacking(a, backingFile, sources.length);
   if (a.compressed) checkCompression(ctx.graph, a.outFormat, prepared);
-  if (a.bitmaps) checkBitmaps(sources);
+  if (a.bitmaps) checkBitmaps(a, sources);
   if (prepared) await createTarget(prepared, a, outFilename);
   const cache = defaultOpenSettings();
   if (!applyCacheMode(cache, a.cache)) throw new CliError(`Invalid cache option: ${a.cache}`);
@@ -299,20 +302,25 @@ async function openTarget(graph: BlockGraph, a: ConvertArgs, filename: string, c
   return imgOpen(graph, { filename, format: a.outFormat, imageOpts: a.targetImageOpts, readOnly: false, flags });
 }
 
-/**
- * --bitmaps: qemu-img's checks on the source. Persistent bitmaps are not
- * maintained by this qcow2 driver yet, so a source that has some is
- * refused rather than converted without them.
- */
-function checkBitmaps(sources: BlockNode[]): void {
+/** --bitmaps: qemu-img's checks on the source (convert_check_bitmaps). */
+function checkBitmaps(a: ConvertArgs, sources: BlockNode[]): void {
   if (sources.length > 1) throw new CliError('Copying bitmaps only possible with single source');
-  const src = sources[0]!.skipFilters();
-  if (src.driver.name !== 'qcow2') throw new CliError('Source lacks bitmap support');
-  if (src.driver.hasDirtyBitmaps?.(src)) throw new CliError('Copying persistent bitmaps is not supported yet');
+  const refusal = bitmapsCopyRefusal(sources[0]!, a.skipBroken);
+  if (refusal !== null) throw new CliError(refusal);
+}
+
+/** --bitmaps after the copy (convert_copy_bitmaps): the target's close writes them. */
+async function copyBitmaps(graph: BlockGraph, a: ConvertArgs, source: BlockNode, target: BlockNode): Promise<void> {
+  try {
+    await copyPersistentBitmaps(source, target, { skipBroken: a.skipBroken, warn: (m) => graph.onWarning(m) });
+  } catch (e) {
+    if (e instanceof BlockError) throw new CliError(e.message);
+    throw e;
+  }
 }
 
 function checkTarget(a: ConvertArgs, target: BlockNode, totalSectors: number): void {
-  if (a.bitmaps && target.driver.name !== 'qcow2') throw new CliError(`Format driver '${target.driver.name}' does not support bitmaps`);
+  if (a.bitmaps && !supportsPersistentBitmaps(target)) throw new CliError(`Format driver '${target.driver.name}' does not support bitmaps`);
   if (a.compressed && !canCompress(target.driver)) throw new CliError('Compression not supported for this file format');
   if (a.noCreate && sectorsOf(target) < totalSectors) throw new CliError('output file is smaller than input file');
 }
@@ -330,6 +338,8 @@ async function copy(
   const readers = sources.map((node) => new BlockBackend(graph, node, {}));
   try {
     await convertCopy(copyPlan(a, readers, backend, hasBacking, progress, (m) => graph.onWarning(m)));
+    // While the backend still holds the target: closing it closes the node, which writes the bitmaps.
+    if (a.bitmaps) await copyBitmaps(graph, a, sources[0]!, target);
   } catch (e) {
     if (!(e instanceof ConvertError)) throw e;
     const verb = e.phase === 'write' ? 'writing' : 'reading';

@@ -14,6 +14,7 @@ import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { missingPeers } from '../helpers/peers.js';
 import { ROOT, run, runOurs } from '../helpers/run.js';
+import { markInUse } from '../helpers/bitmap-images.js';
 import { scratchDir } from '../helpers/tmp.js';
 
 const MiB = 1 << 20;
@@ -49,6 +50,16 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts convert agains
     qemuIo('qcow2', 'snap.qcow2', 'write -P 0x41 0 1M');
     qemuImg('snapshot', '-c', 'first', 'snap.qcow2');
     qemuIo('qcow2', 'snap.qcow2', 'write -P 0x42 0 512k', 'write -P 0x43 8M 1M');
+    // Persistent bitmaps: b0 recording (64k), b1 disabled (4k), written to in between; bad.qcow2's b0 is in use (inconsistent).
+    qemuImg('create', '-q', '-f', 'qcow2', 'bm.qcow2', '16M');
+    qemuIo('qcow2', 'bm.qcow2', 'write -P 0x51 0 1M');
+    qemuImg('bitmap', '--add', 'bm.qcow2', 'b0');
+    qemuImg('bitmap', '--add', '-g', '4k', 'bm.qcow2', 'b1');
+    qemuIo('qcow2', 'bm.qcow2', 'write -P 0x52 3M 100k', 'write -z 9M 64k');
+    qemuImg('bitmap', '--disable', 'bm.qcow2', 'b1');
+    qemuIo('qcow2', 'bm.qcow2', 'write -P 0x53 12M 8k');
+    fs.copyFileSync(file('bm.qcow2'), file('bad.qcow2'));
+    markInUse(file('bad.qcow2'), 'b0');
   });
 
   interface Case {
@@ -62,6 +73,8 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts convert agains
     prepare?: (target: string) => void;
     /** The target need not read as the source (a backing file that differs from the source's). */
     differsFromSource?: boolean;
+    /** Our target must be byte for byte qemu-img's (bitmaps included). */
+    sameBytes?: boolean;
   }
 
   const cases: Case[] = [
@@ -82,6 +95,8 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts convert agains
     { name: 'qcow2 chain → compressed qcow2 with 4k clusters, -W -m 16', args: ['-c', '-W', '-m', '16', '-O', 'qcow2', '-o', 'cluster_size=4k'], sources: ['top.qcow2'], srcFmt: 'qcow2', outFmt: 'qcow2' },
     { name: '-l by name', args: ['-l', 'first', '-O', 'qcow2'], sources: ['snap.qcow2'], srcFmt: 'qcow2', outFmt: 'qcow2', differsFromSource: true },
     { name: '-l snapshot.id=1', args: ['-l', 'snapshot.id=1', '-O', 'raw'], sources: ['snap.qcow2'], srcFmt: 'qcow2', outFmt: 'raw', differsFromSource: true },
+    { name: '--bitmaps from a qcow2 with a recording and a disabled bitmap', args: ['--bitmaps', '-O', 'qcow2'], sources: ['bm.qcow2'], srcFmt: 'qcow2', outFmt: 'qcow2', sameBytes: true },
+    { name: '--bitmaps --skip-broken-bitmaps past an inconsistent bitmap', args: ['--bitmaps', '--skip-broken-bitmaps', '-O', 'qcow2'], sources: ['bad.qcow2'], srcFmt: 'qcow2', outFmt: 'qcow2', sameBytes: true },
     { name: '--bitmaps from a qcow2 without bitmaps', args: ['--bitmaps', '-O', 'qcow2'], sources: ['top.qcow2'], srcFmt: 'qcow2', outFmt: 'qcow2' },
     { name: 'preallocated qcow2 target', args: ['-O', 'qcow2', '-o', 'preallocation=metadata'], sources: ['src.raw'], srcFmt: 'raw', outFmt: 'qcow2' },
     {
@@ -121,6 +136,7 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts convert agains
       expect(qemuImg('compare', '-F', c.outFmt, '-f', c.outFmt, peer, ours)).toBe('Images are identical.\n');
       expect(map(c.outFmt, ours)).toBe(map(c.outFmt, peer));
       if (c.outFmt === 'qcow2') expect(spawnSync('qemu-img', ['check', '-q', ours], { cwd: dir }).status).toBe(0);
+      if (c.sameBytes) expect(fs.readFileSync(file(ours)).equals(fs.readFileSync(file(peer)))).toBe(true);
     });
   }
 
@@ -156,6 +172,7 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts convert agains
     ['-l on raw', ['convert', '-l', 'first', 'src.raw', 'x.raw']],
     ['--bitmaps onto raw', ['convert', '--bitmaps', '-O', 'raw', 'top.qcow2', 'x.raw']],
     ['--bitmaps from raw', ['convert', '--bitmaps', '-O', 'qcow2', 'src.raw', 'x.qcow2']],
+    ['--bitmaps from an inconsistent bitmap', ['convert', '--bitmaps', '-O', 'qcow2', 'bad.qcow2', 'x.qcow2']],
     ['--bitmaps with two sources', ['convert', '--bitmaps', '-O', 'qcow2', 'top.qcow2', 'mid.qcow2', 'x.qcow2']],
   ];
   for (const [name, args] of errors) {
