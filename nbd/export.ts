@@ -60,6 +60,11 @@ export interface NbdExportOptions {
    * dirty bitmaps. Their ids are 2, 3, … in this order.
    */
   bitmapContexts?: readonly MetaContextSource[];
+  /**
+   * Called once when the export closes, before its backend (e.g. releases
+   * the bitmaps behind bitmapContexts; see bitmap-context.ts).
+   */
+  onClose?: () => void;
 }
 
 /** What an export needs to know about a connected client. */
@@ -77,6 +82,7 @@ export class NbdExport {
   readonly sizeBytes: number;
   readonly contexts: readonly NumberedContext[];
   readonly clients = new Set<ExportClient>();
+  private onClose: (() => void) | undefined;
   /** Set once removal began: no new client may attach. */
   removing = false;
 
@@ -88,6 +94,7 @@ export class NbdExport {
     this.sizeBytes = alignDown(backend.getLength(), SECTOR_BYTES);
     const depth = opts.allocationDepth ? allocationDepthContext(backend) : null;
     this.contexts = numberContexts(baseAllocationContext(backend), depth, opts.bitmapContexts ?? []);
+    this.onClose = opts.onClose;
   }
 
   /** Opens a backend on `node` and builds the export; throws BlockError on bad options. */
@@ -135,6 +142,9 @@ export class NbdExport {
 
   /** Closes the backend (the node closes too when nothing else holds it). */
   async close(): Promise<void> {
+    const onClose = this.onClose;
+    this.onClose = undefined;
+    onClose?.();
     await this.backend.close();
   }
 }

@@ -46,8 +46,8 @@ const MAX_PORT = 65535;
 export interface ServeHooks {
   /** Server TLS from --tls-creds/--tls-authz, or null without --tls-creds. */
   serverTls(config: NbdCliConfig): Promise<NbdServerTls | null>;
-  /** The export's `qemu:dirty-bitmap:NAME` contexts for -B. */
-  bitmapContexts(node: BlockNode, names: readonly string[]): NbdExportOptions['bitmapContexts'];
+  /** The export's `qemu:dirty-bitmap:NAME` contexts for -B, and what releases their bitmaps when it closes. */
+  bitmapContexts(node: BlockNode, names: readonly string[], readOnly: boolean): Pick<NbdExportOptions, 'bitmapContexts' | 'onClose'>;
 }
 
 /** Runs the server until it stops; resolves with the exit status. */
@@ -56,7 +56,6 @@ export async function serve(config: NbdCliConfig, out: Output, hooks: ServeHooks
   const tls = await hooks.serverTls(config);
   const graph = new BlockGraph(builtinDrivers);
   graph.onWarning = (message, opts) => out.stderr(warningText(PROG, message, opts));
-  const node = await openExported(graph, config);
   const stopped = new Deferred();
   const server = new NbdServer({
     maxConnections: config.shared,
@@ -66,9 +65,17 @@ export async function serve(config: NbdCliConfig, out: Output, hooks: ServeHooks
       if (negotiated && remaining === 0 && !config.persistent) stopped.resolve();
     },
   });
-  server.createExport(graph, node, exportOptions(config, node, hooks));
-  await listen(server, config);
-  if (config.pidFile !== undefined) writePidFile(config.pidFile);
+  try {
+    const node = await openExported(graph, config);
+    server.createExport(graph, node, exportOptions(config, node, hooks));
+    await listen(server, config);
+    if (config.pidFile !== undefined) writePidFile(config.pidFile);
+  } catch (e) {
+    // qemu-nbd's atexit handler closes the image even when it fails: its bitmaps are stored, not left in use.
+    await server.close().catch(() => undefined);
+    await graph.closeAll().catch(() => undefined);
+    throw e;
+  }
   for (const sig of STOP_SIGNALS) process.on(sig, () => stopped.resolve());
   reportReady();
   await stopped.promise;
@@ -115,7 +122,7 @@ function exportOptions(c: NbdCliConfig, node: BlockNode, hooks: ServeHooks): Nbd
     writable: !c.open.readOnly,
     writethrough: c.open.writethrough,
     allocationDepth: c.allocationDepth,
-    bitmapContexts: c.bitmaps.length > 0 ? hooks.bitmapContexts(node, c.bitmaps) : [],
+    ...(c.bitmaps.length > 0 ? hooks.bitmapContexts(node, c.bitmaps, c.open.readOnly) : {}),
   };
 }
 

@@ -3,7 +3,9 @@
  * credentials (--tls-creds, --tls-authz) and the dirty-bitmap contexts
  * of -B.
  */
+import { BlockError } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
+import { exportDirtyBitmaps } from '../../nbd/bitmap-context.js';
 import type { NbdExportOptions } from '../../nbd/export.js';
 import type { NbdServerTls } from '../../nbd/tls.js';
 import { CliError } from '../cli-common.js';
@@ -15,6 +17,16 @@ export async function nbdServerTls(config: NbdCliConfig): Promise<NbdServerTls |
   return serverTls(tlsCredsObject(config), { authzId: config.tlsAuthz, objects: objectLookup(config) });
 }
 
-export function nbdBitmapContexts(_node: BlockNode, names: readonly string[]): NbdExportOptions['bitmapContexts'] {
-  throw new CliError(`Bitmap '${names[0]}' is not found`);
+/**
+ * -B's bitmaps (nbd/bitmap-context.ts), busy until the export closes.
+ * qemu-nbd exits on the first refusal with its first line only (the
+ * error is fatal before QEMU appends a hint).
+ */
+export function nbdBitmapContexts(node: BlockNode, names: readonly string[], readOnly: boolean): Pick<NbdExportOptions, 'bitmapContexts' | 'onClose'> {
+  try {
+    return exportDirtyBitmaps(node, names, { readOnly });
+  } catch (e) {
+    if (e instanceof BlockError) throw new CliError(e.message.split('\n')[0]!);
+    throw e;
+  }
 }
