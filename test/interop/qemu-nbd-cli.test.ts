@@ -21,12 +21,25 @@ const START_MS = 10_000;
 const POLL_MS = 20;
 const dir = scratchDir('qnbd-cli-');
 const children = new Set<ChildProcess>();
+/** --pid-file paths of forked servers, stopped after each test whatever happened in it. */
+const pidFiles = new Set<string>();
 let serial = 0;
 
 afterEach(async () => {
   for (const c of children) if (c.exitCode === null && c.signalCode === null) c.kill('SIGKILL');
   children.clear();
+  for (const f of pidFiles) stopForked(f);
+  pidFiles.clear();
 });
+
+function stopForked(pidFile: string): void {
+  if (!fs.existsSync(pidFile)) return;
+  try {
+    process.kill(Number(fs.readFileSync(pidFile, 'utf8').trim()), 'SIGTERM');
+  } catch {
+    // already gone
+  }
+}
 
 type Side = 'ours' | 'peer';
 
@@ -169,6 +182,7 @@ describe.skipIf(missingPeers('qemu-nbd', 'nbdinfo', 'qemu-io'))('qemu-nbd-ts aga
   it('--fork returns once the server listens; --pid-file names the server', async () => {
     const socket = path.join(dir, 'fork.sock');
     const pidFile = path.join(dir, 'fork.pid');
+    pidFiles.add(pidFile);
     // The server keeps the parent's stderr (as qemu-nbd's does), so it goes to a file, not a pipe we would wait on.
     const errFile = path.join(dir, 'fork.err');
     const errFd = fs.openSync(errFile, 'w');
@@ -177,12 +191,12 @@ describe.skipIf(missingPeers('qemu-nbd', 'nbdinfo', 'qemu-io'))('qemu-nbd-ts aga
     fs.closeSync(errFd);
     const status = await new Promise<number | null>((resolve) => parent.on('exit', (code) => resolve(code)));
     expect(status, fs.readFileSync(errFile, 'utf8')).toBe(0);
-    const pid = Number(fs.readFileSync(pidFile, 'utf8').trim());
+    expect(Number(fs.readFileSync(pidFile, 'utf8').trim())).toBeGreaterThan(0);
     try {
       expect(fs.existsSync(socket)).toBe(true);
       expect((await run('nbdinfo', ['--size', `nbd+unix:///?socket=${socket}`])).stdout).toBe('1048576\n');
     } finally {
-      process.kill(pid, 'SIGTERM');
+      stopForked(pidFile);
     }
     for (let waited = 0; fs.existsSync(socket) && waited < START_MS; waited += POLL_MS) await sleep(POLL_MS);
     expect(fs.existsSync(socket)).toBe(false);
