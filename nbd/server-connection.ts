@@ -39,14 +39,34 @@ import {
   type ReplySink,
   type Transmission,
 } from './server-requests.js';
-import { Cmd, HandshakeFlag, MAX_REQUESTS_IN_FLIGHT } from './protocol.js';
+import { Cmd, HandshakeFlag, MAX_BUFFER_BYTES, MAX_REQUESTS_IN_FLIGHT } from './protocol.js';
 import { ReplyWriter } from './reply-writer.js';
 import { encodeGreeting } from './wire-handshake.js';
+import { EXTENDED_REQUEST_BYTES } from './wire-transmission.js';
 import type { NbdServerTls } from './tls.js';
 import type { BufferPool } from './buffer-pool.js';
 
 /** Data bytes of requests in flight above which no new request is started. */
 export const MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024;
+/** Most bytes one socket read delivers (libuv reads 64 KiB at a time; TLS records are smaller). */
+export const SOCKET_READ_BYTES = 64 * 1024;
+/**
+ * Received bytes a connection holds unparsed at most: the largest payload
+ * it waits for, its request header, and the rest of the socket read that
+ * completed it (the socket is paused before the next read).
+ */
+export const MAX_QUEUED_INPUT_BYTES = MAX_BUFFER_BYTES + EXTENDED_REQUEST_BYTES + SOCKET_READ_BYTES;
+
+/** What a connection holds right now (diagnostics; tests check the bounds above). */
+export interface ConnectionStats {
+  requestsInFlight: number;
+  /** READ/WRITE data bytes of the requests in flight (< MAX_IN_FLIGHT_BYTES + MAX_BUFFER_BYTES). */
+  inFlightBytes: number;
+  /** Received bytes not yet parsed (≤ MAX_QUEUED_INPUT_BYTES). */
+  queuedInputBytes: number;
+  /** Reply bytes written but not yet handed to the OS. */
+  queuedReplyBytes: number;
+}
 
 /** What a connection needs from its server. */
 export interface ConnectionHost {
@@ -124,6 +144,15 @@ export class NbdConnection implements ExportClient, ReplySink {
 
   get requestsInFlight(): number {
     return this.inFlight.size;
+  }
+
+  get stats(): ConnectionStats {
+    return {
+      requestsInFlight: this.inFlight.size,
+      inFlightBytes: this.inFlightBytes,
+      queuedInputBytes: this.parser.bufferedBytes,
+      queuedReplyBytes: this.stream.writableLength,
+    };
   }
 
   private listen(stream: Duplex): void {
@@ -344,8 +373,10 @@ export class NbdConnection implements ExportClient, ReplySink {
   private end(): void {
     if (this.phase === 'closed' || this.phase === 'closing') return;
     this.phase = 'closing';
-    this.stream.end();
+    // Nothing more is parsed: what the client still sends is dropped, not queued.
+    this.parser.stop();
     this.writer.close();
+    this.stream.end();
     // A client that never reads would keep the socket half-open: bound the wait.
     setTimeout(() => this.destroy(), 5_000).unref();
   }

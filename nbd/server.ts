@@ -36,7 +36,7 @@ import type { BlockNode } from '../block/node.js';
 import { BufferPool } from './buffer-pool.js';
 import { NbdExport, type NbdExportOptions } from './export.js';
 import { DEFAULT_PORT } from './protocol.js';
-import { NbdConnection, type ConnectionHost } from './server-connection.js';
+import { NbdConnection, type ConnectionHost, type ConnectionStats } from './server-connection.js';
 import type { NbdServerTls } from './tls.js';
 
 /** Default address of TCP listeners. */
@@ -49,6 +49,8 @@ export const DEFAULT_HANDSHAKE_MAX_SECONDS = 10;
 export const MAX_WAITING_CONNECTIONS = 64;
 /** How long a graceful shutdown waits for clients before closing them. */
 export const SHUTDOWN_WAIT_MS = 10_000;
+
+export type { ConnectionStats } from './server-connection.js';
 
 export type NbdAddress = { type: 'inet'; host?: string; port?: number } | { type: 'unix'; path: string };
 
@@ -137,7 +139,8 @@ export class NbdServer {
 
   /** Starts listening; resolves with the bound address (a port for TCP). */
   async listen(addr: NbdAddress): Promise<net.AddressInfo | string> {
-    const server = net.createServer({ noDelay: true, pauseOnConnect: true }, (socket) => this.accept(socket));
+    // allowHalfOpen: a client that half-closes after its requests still gets their replies (the connection ends its side).
+    const server = net.createServer({ noDelay: true, pauseOnConnect: true, allowHalfOpen: true }, (socket) => this.accept(socket));
     let unixPath: string | undefined;
     if (addr.type === 'unix') {
       unixPath = addr.path;
@@ -157,6 +160,11 @@ export class NbdServer {
   /** Clients connected (negotiating or transmitting). */
   get connectionCount(): number {
     return this.connections.size;
+  }
+
+  /** What each connection holds now (see ConnectionStats for the bounds). */
+  connectionStats(): ConnectionStats[] {
+    return [...this.connections].map((c) => c.stats);
   }
 
   private accept(socket: net.Socket): void {

@@ -16,7 +16,8 @@
  * error; one longer than MAX_OPTION_BUFFER_BYTES is skipped as it arrives
  * and reported with `data: null`; a request payload longer than
  * MAX_BUFFER_BYTES is reported `oversize` without being read, after which
- * the parser stops (QEMU replies EINVAL and disconnects). Option replies
+ * the parser stops (QEMU replies EINVAL and disconnects). A stopped
+ * parser drops its queue and whatever is pushed later. Option replies
  * and reply chunks are bounded the same way on the client side.
  */
 import { ByteQueue } from './byte-queue.js';
@@ -88,8 +89,9 @@ export class ClientStreamParser {
   private skipLeft = 0;
   private request: { header: RequestHeader; payloadBytes: number } | null = null;
 
+  /** Queues received bytes; a stopped parser drops them (nothing will read them). */
   push(chunk: Buffer): void {
-    this.queue.push(chunk);
+    if (this.phase !== 'stopped') this.queue.push(chunk);
   }
 
   /** Bytes received and not yet returned in a frame. */
@@ -103,9 +105,10 @@ export class ClientStreamParser {
     this.extended = extended;
   }
 
-  /** Returns no more frames (after a fatal frame or a protocol error). */
+  /** Returns no more frames and drops what is queued or still arrives (after a fatal frame, DISC, or when closing). */
   stop(): void {
     this.phase = 'stopped';
+    this.queue.skip(this.queue.length);
   }
 
   /** Starts at the option phase (a fresh stream after STARTTLS: client flags were read before). */
