@@ -15,7 +15,7 @@ export const OURS = {
 };
 const GNU_TIME = '/usr/bin/time';
 
-/** Runs argv once under GNU time; returns wall seconds and peak RSS in MiB. */
+/** Runs argv once under GNU time; returns wall seconds, peak RSS in MiB and stdout. */
 export function measure(argv, { input, cwd } = {}) {
   const t0 = process.hrtime.bigint();
   const r = spawnSync(GNU_TIME, ['-f', '%M', ...argv], { input, cwd, maxBuffer: 1 << 26 });
@@ -25,7 +25,7 @@ export function measure(argv, { input, cwd } = {}) {
   }
   const lines = r.stderr.toString().trim().split('\n');
   const rssMiB = Number(lines[lines.length - 1]) / 1024;
-  return { seconds, rssMiB };
+  return { seconds, rssMiB, stdout: r.stdout.toString() };
 }
 
 export function median(values) {
@@ -84,4 +84,40 @@ export function scratch(base = process.env.BENCH_DIR ?? '/dev/shm', prefix = 'qb
   // A bench stopped with Ctrl-C or kill must not leave gigabytes on a tmpfs.
   for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) process.once(signal, () => process.exit(130));
   return dir;
+}
+
+/**
+ * Rows measured on several sides (servers, tools), one sample per side per
+ * round, rounds interleaved and the side order rotated every round so no
+ * side always runs first. rows: [{ name, run: async (side, round) =>
+ * { value, rssMiB } }] where value is a throughput (higher is better).
+ * Returns [{ name, sides: { [side]: { median, min, max, rss } }, ratios:
+ * { [side]: median of the per-round side/reference ratios } }].
+ */
+export async function runSides(rows, sides, rounds, reference) {
+  const samples = rows.map(() => Object.fromEntries(sides.map((s) => [s, { values: [], rss: [] }])));
+  const ratios = rows.map(() => Object.fromEntries(sides.map((s) => [s, []])));
+  for (let round = 0; round < rounds; round++) {
+    const order = sides.map((_, i) => sides[(i + round) % sides.length]);
+    for (const [i, row] of rows.entries()) {
+      const got = {};
+      for (const side of order) {
+        const { value, rssMiB } = await row.run(side, round);
+        samples[i][side].values.push(value);
+        samples[i][side].rss.push(rssMiB);
+        got[side] = value;
+      }
+      for (const side of sides) ratios[i][side].push(got[side] / got[reference]);
+    }
+  }
+  return rows.map((row, i) => ({
+    name: row.name,
+    sides: Object.fromEntries(
+      sides.map((s) => {
+        const { values, rss } = samples[i][s];
+        return [s, { median: median(values), min: Math.min(...values), max: Math.max(...values), rss: Math.max(...rss) }];
+      }),
+    ),
+    ratios: Object.fromEntries(sides.map((s) => [s, median(ratios[i][s])])),
+  }));
 }

@@ -42,6 +42,7 @@ import {
   StateFlag,
   TxFlag,
 } from './protocol.js';
+import { DataHint } from './server-data-hint.js';
 import type { BlockSizes } from './wire-handshake.js';
 
 export interface NbdExportOptions {
@@ -85,6 +86,8 @@ export class NbdExport {
   private onClose: (() => void) | undefined;
   /** Set once removal began: no new client may attach. */
   removing = false;
+  /** Ranges recently seen to hold data (a READ inside one skips block status; see server-data-hint.ts). */
+  readonly dataHint = new DataHint();
 
   private constructor(name: string, opts: NbdExportOptions, backend: BlockBackend) {
     this.name = name;

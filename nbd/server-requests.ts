@@ -15,8 +15,10 @@
  *                 the range is walked with block status through the chain:
  *                 zero areas become OFFSET_HOLE chunks, runs of data are
  *                 read into one buffer and sent as OFFSET_DATA chunks
- *                 that reference it (no copy); DF or simple replies read
- *                 everything and send it in one piece;
+ *                 that reference it (no copy) — a range the export's data
+ *                 hint (server-data-hint.ts) knows to be data skips block
+ *                 status; DF or simple replies read everything and send
+ *                 it in one piece;
  *   WRITE         pwrite (FUA → Req.FUA);
  *   WRITE_ZEROES  pwriteZeroes: FUA → FUA, no NO_HOLE → MAY_UNMAP,
  *                 FAST_ZERO → NO_FALLBACK (ENOTSUP unless fast);
@@ -34,6 +36,7 @@
 import { BlockError, toBlockError } from '../block/errors.js';
 import { Req, Status } from '../block/flags.js';
 import type { BufferPool } from './buffer-pool.js';
+import { HINT_LOOKAHEAD_BYTES } from './server-data-hint.js';
 import type { NbdExport } from './export.js';
 import type { ExtentLimits, NumberedContext } from './meta-context.js';
 import { Cmd, CmdFlag, MAX_BLOCK_STATUS_EXTENTS, MAX_BUFFER_BYTES, ReplyFlag, cmdName, errnoToNbd } from './protocol.js';
@@ -201,11 +204,13 @@ export function handleRequest(t: Transmission, sink: ReplySink, req: ActiveReque
         be.pwrite(h.offset, req.payload ?? Buffer.alloc(0), h.flags & CmdFlag.FUA ? Req.FUA : 0),
       );
     case Cmd.WRITE_ZEROES:
+      t.exp.dataHint.forget();
       return generic(t, sink, req, 'writing to file failed', () => be.pwriteZeroes(h.offset, h.length, zeroFlags(h.flags)));
     case Cmd.FLUSH:
       return generic(t, sink, req, 'flush failed', () => be.flush());
     case Cmd.TRIM:
       return generic(t, sink, req, 'discard failed', async () => {
+        t.exp.dataHint.forget();
         await be.pdiscard(h.offset, h.length);
         if (h.flags & CmdFlag.FUA) await be.flush();
       });
@@ -280,18 +285,22 @@ async function wholeRead(t: Transmission, sink: ReplySink, req: ActiveRequest, d
 async function sparseRead(t: Transmission, sink: ReplySink, req: ActiveRequest, buf: Buffer): Promise<void> {
   const { offset, length } = req.header;
   const be = t.exp.backend;
+  const hint = t.exp.dataHint;
   let dataStart = -1;
   const sendData = async (start: number, end: number, final: boolean) => {
     await be.pread(offset + start, buf.subarray(start, end));
     const flags = final ? ReplyFlag.DONE : 0;
     await sink.send(req, [encodeOffsetDataHeader(req.target, flags, offset + start, end - start), buf.subarray(start, end)], final);
   };
-  let progress = 0;
+  // Inside a range known to hold data, block status would only say so again.
+  let progress = hint.covers(offset, length) ? length : 0;
+  if (progress === length) dataStart = 0;
   try {
     while (progress < length) {
       let status;
+      const ahead = Math.min(Math.max(length - progress, HINT_LOOKAHEAD_BYTES), t.exp.sizeBytes - offset - progress);
       try {
-        status = await be.blockStatusAbove(offset + progress, length - progress, null, true);
+        status = await be.blockStatusAbove(offset + progress, ahead, null, true);
       } catch (e) {
         const err = toBlockError(e);
         return replyError(t, sink, req, reqErr(err.code, `unable to check for holes: ${err.message}`));
@@ -303,8 +312,9 @@ async function sparseRead(t: Transmission, sink: ReplySink, req: ActiveRequest, 
         dataStart = -1;
         const final = progress + n === length;
         await sink.send(req, [encodeOffsetHoleChunk(req.target, final ? ReplyFlag.DONE : 0, offset + progress, n)], final);
-      } else if (dataStart < 0) {
-        dataStart = progress;
+      } else {
+        hint.learn(offset + progress, status.pnum);
+        if (dataStart < 0) dataStart = progress;
       }
       progress += n;
     }

@@ -1,0 +1,472 @@
+/*
+ * The generic job: QEMU's job state machine (job.c, blockjob.c) driving a
+ * kind's hook table (JobDriver).
+ *
+ * Life of a job, as QEMU's:
+ *   created ──start──▶ running ⇄ paused            (pause points)
+ *                      running ──▶ ready ⇄ standby (mirror-like jobs)
+ *   run() returns ──▶ waiting ──▶ pending ──(auto-finalize or job-finalize)──▶
+ *     prepare ──▶ commit | abort ──▶ clean ──▶ event ──▶ concluded
+ *     ──(auto-dismiss or job-dismiss)──▶ null (gone from the registry).
+ *   run() throws, a hard cancel, or prepare fails ──▶ aborting ──▶ abort ──▶
+ *     clean ──▶ event ──▶ concluded ──▶ null.
+ * Every visible transition emits JOB_STATUS_CHANGE {id, status}; block jobs
+ * (commit, stream, mirror, backup) also emit BLOCK_JOB_READY, _PENDING
+ * (only without auto-finalize), _COMPLETED (with `error` when it failed),
+ * _CANCELLED and _ERROR, with `device` = the job id.
+ *
+ * Pausing is cooperative: a verb only counts (pauseCount); the job's own
+ * loop notices at its next pause point (`pausePoint`, also inside
+ * `rateLimit` sleeps) and waits there in paused/standby. Cancel is a flag
+ * the loop polls: `isCancelled()` is a hard cancel (stop now, abort);
+ * `cancelRequested()` also sees a soft cancel — a mirror cancelled after
+ * READY without `force` finishes cleanly without pivoting, and the job
+ * reports COMPLETED, as QEMU 6.2+ does. Single jobs behave as one-job
+ * transactions; `transaction` groups are not modelled yet.
+ *
+ * Kinds never touch the status: they run, report progress, call
+ * `transitionToReady`, `rateLimit`, `pausePoint` and `errorAction`.
+ */
+import { RateLimit } from '../block/ratelimit.js';
+import { BlockError, toBlockError } from '../block/errors.js';
+import { canTransition, verbAllowed, type JobStatus, type JobType, type JobVerb } from './job-tables.js';
+
+/** A user error of a job verb or of job creation (QMP GenericError). */
+export class JobError extends Error {}
+
+/** BlockdevOnError: what a job does when a request fails. */
+export type OnErrorPolicy = 'report' | 'ignore' | 'enospc' | 'stop' | 'auto';
+/** What the job does about one failed request (BlockErrorAction). */
+export type ErrorAction = 'report' | 'ignore' | 'stop';
+export type IoStatus = 'ok' | 'failed' | 'nospace';
+
+/** Sink of QMP events (name, data); the daemon timestamps and sends them. */
+export type JobEventSink = (event: string, data: Record<string, unknown>) => void;
+
+/** The hooks a job kind supplies (QEMU's JobDriver / BlockJobDriver). */
+export interface JobDriver {
+  readonly type: JobType;
+  /** The work; returns when done, throws a BlockError on failure. */
+  run(job: Job): Promise<void>;
+  /** job-complete (mirror, active commit); absent: the verb is refused. */
+  complete?(job: Job): void;
+  /** A cancel request: returns whether it is a hard one (QEMU's .cancel); default: always hard. */
+  cancel?(job: Job, force: boolean): boolean;
+  /** block-job-change / job-change arguments. */
+  change?(job: Job, args: Record<string, unknown>): void;
+  /** Before commit; a failure aborts the job. */
+  prepare?(job: Job): Promise<void>;
+  commit?(job: Job): Promise<void> | void;
+  abort?(job: Job): Promise<void> | void;
+  clean?(job: Job): Promise<void> | void;
+  /** Extra BlockJobInfo members (mirror's `actively-synced`). */
+  blockInfo?(job: Job): Record<string, unknown>;
+}
+
+export interface JobOptions {
+  id: string;
+  autoFinalize?: boolean;
+  autoDismiss?: boolean;
+  /** Bytes per second; 0 = unlimited. */
+  speed?: number;
+}
+
+/** Job types reported as block jobs (query-block-jobs, BLOCK_JOB_* events). */
+const BLOCK_JOB_TYPES: readonly JobType[] = ['commit', 'stream', 'mirror', 'backup'];
+
+export class Job {
+  readonly id: string;
+  readonly type: JobType;
+  status: JobStatus = 'undefined';
+  readonly autoFinalize: boolean;
+  readonly autoDismiss: boolean;
+  speed: number;
+  readonly limit: RateLimit;
+  /** Progress in bytes (current-progress / total-progress). */
+  currentProgress = 0;
+  totalProgress = 0;
+  pauseCount = 1;
+  userPaused = false;
+  busy = false;
+  ioStatus: IoStatus = 'ok';
+  /** The failure, once the job has one (QEMU's job->err). */
+  error: string | undefined;
+  private cancelFlag = false;
+  private forceCancel = false;
+  private started = false;
+  /** Cancelled before start: QEMU emits no end event and dismisses it at once. */
+  private cancelledUnstarted = false;
+  private finished = false;
+  /** Wakes a sleeping or paused job (job_enter). */
+  private wake: (() => void) | null = null;
+  /** Resolves when the job reaches null (or concluded without auto-dismiss). */
+  private settledWaiters: Array<() => void> = [];
+
+  constructor(
+    readonly driver: JobDriver,
+    opts: JobOptions,
+    private readonly emitEvent: JobEventSink,
+    private readonly onGone: (job: Job) => void,
+  ) {
+    this.id = opts.id;
+    this.type = driver.type;
+    this.autoFinalize = opts.autoFinalize ?? true;
+    this.autoDismiss = opts.autoDismiss ?? true;
+    this.speed = opts.speed ?? 0;
+    this.limit = new RateLimit(this.speed);
+    this.transition('created');
+  }
+
+  get isBlockJob(): boolean {
+    return BLOCK_JOB_TYPES.includes(this.type);
+  }
+
+  // ------------------------------------------------------------ status
+
+  private transition(to: JobStatus): void {
+    if (!canTransition(this.status, to)) throw new Error(`job ${this.id}: ${this.status} → ${to} is not a transition`);
+    this.status = to;
+    this.emitEvent('JOB_STATUS_CHANGE', { id: this.id, status: to });
+  }
+
+  private checkVerb(verb: JobVerb): void {
+    if (!verbAllowed(verb, this.status)) {
+      throw new JobError(`Job '${this.id}' in state '${this.status}' cannot accept command verb '${verb}'`);
+    }
+  }
+
+  /** A hard cancel: stop at once and abort. */
+  isCancelled(): boolean {
+    return this.cancelFlag && this.forceCancel;
+  }
+
+  /** Any cancel, soft ones (mirror after READY) included. */
+  cancelRequested(): boolean {
+    return this.cancelFlag;
+  }
+
+  isReady(): boolean {
+    return this.status === 'ready' || this.status === 'standby';
+  }
+
+  /** Whether the job has reached concluded or null. */
+  get isFinished(): boolean {
+    return this.finished;
+  }
+
+  // ------------------------------------------------------------ running
+
+  /** Starts the job; its run() goes on in the background. */
+  start(): void {
+    if (this.started) throw new Error(`job ${this.id} started twice`);
+    this.started = true;
+    this.pauseCount--;
+    this.busy = true;
+    this.transition('running');
+    void this.runToEnd();
+  }
+
+  /** Set-up failed before start (job_early_fail): created → null, no other event. */
+  earlyFail(): void {
+    if (this.started) throw new Error(`job ${this.id} already started`);
+    this.finished = true;
+    this.dismissNow();
+  }
+
+  private async runToEnd(): Promise<void> {
+    let failure: BlockError | null = null;
+    try {
+      // The first pause point: a job paused while created waits here.
+      await this.pausePoint();
+      if (!this.isCancelled()) await this.driver.run(this);
+    } catch (e) {
+      failure = toBlockError(e);
+    }
+    this.busy = false;
+    if (failure) this.error = failure.message;
+    else if (this.isCancelled()) this.error = new BlockError('ECANCELED').message;
+    if (this.error !== undefined) await this.abortAndConclude();
+    else await this.waitThenPend();
+  }
+
+  /** Success: waiting → pending → (finalize now or wait for job-finalize). */
+  private async waitThenPend(): Promise<void> {
+    this.transition('waiting');
+    this.transition('pending');
+    if (!this.autoFinalize) {
+      if (this.isBlockJob) this.emitEvent('BLOCK_JOB_PENDING', { type: this.type, id: this.id });
+      return;
+    }
+    await this.finalizeNow();
+  }
+
+  private async finalizeNow(): Promise<void> {
+    try {
+      await this.driver.prepare?.(this);
+    } catch (e) {
+      this.error = toBlockError(e).message;
+      return this.abortAndConclude();
+    }
+    await this.runHook(() => this.driver.commit?.(this));
+    await this.runHook(() => this.driver.clean?.(this));
+    this.emitEnd();
+    this.conclude();
+  }
+
+  private async abortAndConclude(): Promise<void> {
+    this.transition('aborting');
+    await this.runHook(() => this.driver.abort?.(this));
+    await this.runHook(() => this.driver.clean?.(this));
+    this.emitEnd();
+    this.conclude();
+  }
+
+  /** Commit/abort/clean failures cannot change the outcome any more; they become the error text at most. */
+  private async runHook(hook: () => Promise<void> | void): Promise<void> {
+    try {
+      await hook();
+    } catch (e) {
+      this.error ??= toBlockError(e).message;
+    }
+  }
+
+  private emitEnd(): void {
+    if (!this.isBlockJob || this.cancelledUnstarted) return;
+    const data: Record<string, unknown> = { type: this.type, device: this.id, ...this.lenOffsetSpeed() };
+    if (this.isCancelled()) {
+      this.emitEvent('BLOCK_JOB_CANCELLED', data);
+      return;
+    }
+    if (this.error !== undefined) data.error = this.error;
+    this.emitEvent('BLOCK_JOB_COMPLETED', data);
+  }
+
+  private conclude(): void {
+    this.transition('concluded');
+    this.finished = true;
+    if (this.autoDismiss || this.cancelledUnstarted) this.dismissNow();
+    else this.settle();
+  }
+
+  private dismissNow(): void {
+    this.transition('null');
+    this.onGone(this);
+    this.settle();
+  }
+
+  private settle(): void {
+    const waiters = this.settledWaiters;
+    this.settledWaiters = [];
+    for (const w of waiters) w();
+  }
+
+  /** Resolves once the job is concluded (or gone). */
+  whenFinished(): Promise<void> {
+    if (this.finished) return Promise.resolve();
+    return new Promise((resolve) => this.settledWaiters.push(resolve));
+  }
+
+  // ------------------------------------------------------------ helpers for kinds
+
+  lenOffsetSpeed(): { len: number; offset: number; speed: number } {
+    return { len: this.totalProgress, offset: this.currentProgress, speed: this.speed };
+  }
+
+  /** Marks the job in sync (mirror): ready, BLOCK_JOB_READY. */
+  transitionToReady(): void {
+    this.transition('ready');
+    this.emitEvent('BLOCK_JOB_READY', { type: this.type, device: this.id, ...this.lenOffsetSpeed() });
+  }
+
+  /** Waits while the job should pause (paused, or standby when ready); returns at once otherwise. */
+  async pausePoint(): Promise<void> {
+    while (this.pauseCount > 0 && !this.isCancelled()) {
+      const wasReady = this.isReady();
+      this.transition(wasReady ? 'standby' : 'paused');
+      this.busy = false;
+      await new Promise<void>((resolve) => (this.wake = resolve));
+      this.wake = null;
+      this.busy = true;
+      this.transition(wasReady ? 'ready' : 'running');
+    }
+  }
+
+  /** Accounts `bytes` just copied against the speed limit; sleeps as long as it says, then a pause point. */
+  async rateLimit(bytes: number): Promise<void> {
+    const delayMs = this.limit.delayFor(bytes);
+    if (delayMs > 0) await this.sleep(delayMs);
+    await this.pausePoint();
+  }
+
+  /** Sleeps `ms` unless cancelled; a verb (resume, cancel, set-speed) wakes it early. */
+  async sleep(ms: number): Promise<void> {
+    if (this.isCancelled()) return;
+    this.busy = false;
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(done, ms);
+      function done(): void {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.wake = done;
+    });
+    this.wake = null;
+    this.busy = true;
+  }
+
+  private kick(): void {
+    this.wake?.();
+  }
+
+  /**
+   * Decides what a failed request means under `policy` (block_job_error_action):
+   * emits BLOCK_JOB_ERROR, and on `stop` pauses the job as if the user had,
+   * so the caller's next pause point waits for job-resume before it retries.
+   */
+  errorAction(err: BlockError, isRead: boolean, policy: OnErrorPolicy): ErrorAction {
+    let action: ErrorAction;
+    if (policy === 'enospc' || policy === 'auto') action = err.code === 'ENOSPC' ? 'stop' : 'report';
+    else action = policy;
+    this.emitEvent('BLOCK_JOB_ERROR', { device: this.id, operation: isRead ? 'read' : 'write', action });
+    if (action === 'stop') {
+      if (!this.userPaused) {
+        this.pauseCount++;
+        this.userPaused = true;
+      }
+      this.ioStatus = err.code === 'ENOSPC' ? 'nospace' : 'failed';
+    }
+    return action;
+  }
+
+  // ------------------------------------------------------------ progress
+
+  progressUpdate(doneBytes: number): void {
+    this.currentProgress += doneBytes;
+  }
+
+  /** Sets the total so that `remainingBytes` are left (progress_set_remaining). */
+  progressSetRemaining(remainingBytes: number): void {
+    this.totalProgress = this.currentProgress + remainingBytes;
+  }
+
+  progressIncreaseRemaining(bytes: number): void {
+    this.totalProgress += bytes;
+  }
+
+  // ------------------------------------------------------------ verbs
+
+  pause(): void {
+    this.checkVerb('pause');
+    if (this.userPaused) throw new JobError('Job is already paused');
+    this.userPaused = true;
+    this.pauseCount++;
+  }
+
+  resume(): void {
+    this.checkVerb('resume');
+    if (!this.userPaused) throw new JobError("Can't resume a job that was not paused");
+    this.userPaused = false;
+    this.ioStatus = 'ok';
+    this.pauseCount--;
+    this.kick();
+  }
+
+  setSpeed(bytesPerSecond: number): void {
+    this.checkVerb('set-speed');
+    if (bytesPerSecond < 0) throw new JobError("Invalid parameter 'speed'");
+    const faster = bytesPerSecond === 0 || (this.speed !== 0 && bytesPerSecond > this.speed);
+    this.speed = bytesPerSecond;
+    this.limit.setSpeed(bytesPerSecond);
+    if (faster) this.kick();
+  }
+
+  complete(): void {
+    this.checkVerb('complete');
+    if (this.cancelFlag || !this.driver.complete) {
+      throw new JobError(`The active block job '${this.id}' cannot be completed`);
+    }
+    this.driver.complete(this);
+    this.kick();
+  }
+
+  change(args: Record<string, unknown>): void {
+    this.checkVerb('change');
+    if (!this.driver.change) throw new JobError(`Job type '${this.type}' does not support changing options`);
+    this.driver.change(this, args);
+  }
+
+  cancel(force: boolean): void {
+    this.checkVerb('cancel');
+    if (this.status === 'pending') {
+      // Finished its work but not finalized: abort now.
+      this.cancelFlag = true;
+      this.forceCancel = true;
+      this.error ??= new BlockError('ECANCELED').message;
+      void this.abortAndConclude();
+      return;
+    }
+    const hard = this.driver.cancel ? this.driver.cancel(this, force) : true;
+    if (this.userPaused) {
+      this.userPaused = false;
+      this.pauseCount--;
+      this.ioStatus = 'ok';
+    }
+    if (!this.isCancelled()) {
+      this.cancelFlag = true;
+      this.forceCancel ||= hard;
+    }
+    if (!this.started) {
+      this.started = true;
+      this.cancelledUnstarted = true;
+      void this.runToEnd();
+      return;
+    }
+    this.kick();
+  }
+
+  finalize(): void {
+    this.checkVerb('finalize');
+    void this.finalizeNow();
+  }
+
+  dismiss(): void {
+    this.checkVerb('dismiss');
+    this.dismissNow();
+  }
+
+  // ------------------------------------------------------------ queries
+
+  /** query-jobs' JobInfo. */
+  info(): Record<string, unknown> {
+    const out: Record<string, unknown> = {
+      id: this.id,
+      type: this.type,
+      status: this.status,
+      'current-progress': this.currentProgress,
+      'total-progress': this.totalProgress,
+    };
+    if (this.error !== undefined) out.error = this.error;
+    return out;
+  }
+
+  /** query-block-jobs' BlockJobInfo. */
+  blockJobInfo(): Record<string, unknown> {
+    const out: Record<string, unknown> = {
+      type: this.type,
+      device: this.id,
+      len: this.totalProgress,
+      offset: this.currentProgress,
+      busy: this.busy,
+      paused: this.pauseCount > 0,
+      speed: this.speed,
+      'io-status': this.ioStatus,
+      ready: this.isReady(),
+      status: this.status,
+      'auto-finalize': this.autoFinalize,
+      'auto-dismiss': this.autoDismiss,
+      ...this.driver.blockInfo?.(this),
+    };
+    if (this.error !== undefined) out.error = this.error;
+    return out;
+  }
+}

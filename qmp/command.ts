@@ -1,0 +1,49 @@
+/*
+ * The shape of a QMP command, shared by every command module.
+ *
+ * A command is a name, a zod schema of its `arguments` in QEMU's key names
+ * (strict: an unknown key is an error, as QAPI's visitor says "Parameter
+ * 'x' is unexpected"), and a handler that gets the daemon and the parsed
+ * arguments and returns the value of `return` (QEMU returns {} for commands
+ * without a result). A handler reports a user error by throwing QmpError
+ * with QEMU's error class and text; a BlockError becomes a GenericError
+ * with its message. Modules export arrays of commands; the dispatcher
+ * (qmp/dispatch.ts) registers them by name.
+ */
+import type { z } from 'zod';
+
+/** QMP error classes (QAPI's QapiErrorClass). */
+export type QmpErrorClass =
+  | 'GenericError'
+  | 'CommandNotFound'
+  | 'DeviceNotActive'
+  | 'DeviceNotFound'
+  | 'KVMMissingCap';
+
+/** A user error a command reports as {"error": {"class", "desc"}}. */
+export class QmpError extends Error {
+  constructor(
+    readonly errorClass: QmpErrorClass,
+    desc: string,
+  ) {
+    super(desc);
+  }
+}
+
+/** Shorthand for the common case. */
+export function genericError(desc: string): QmpError {
+  return new QmpError('GenericError', desc);
+}
+
+export interface QmpCommand<Ctx, S extends z.ZodType = z.ZodType> {
+  readonly name: string;
+  readonly args: S;
+  /** Allowed before qmp_capabilities (only qmp_capabilities and query-version-like commands). */
+  readonly allowInNegotiation?: boolean;
+  run(ctx: Ctx, args: z.infer<S>): unknown;
+}
+
+/** Declares a command with its argument types inferred from the schema. */
+export function defineCommand<Ctx, S extends z.ZodType>(c: QmpCommand<Ctx, S>): QmpCommand<Ctx, S> {
+  return c;
+}
