@@ -26,6 +26,13 @@
  * always OFFSET_VALID at the same offset, so `qemu-img map` and convert see
  * what the server sees; without a context everything is DATA.
  *
+ * Multi-conn (`multi-conn=N`, not in QEMU 7.2): when the export advertises
+ * CAN_MULTI_CONN, N-1 more connections open with the same settings and
+ * every request goes to the connection with the fewest outstanding ones.
+ * The spec makes a FLUSH on any connection cover the writes completed on
+ * all of them, and the block layer only flushes what has completed, so
+ * flush goes to one connection. A server without multi-conn gets one.
+ *
  * The node's name is nbd_refresh_filename's (`nbd://127.0.0.1:10809/exp`).
  * `qemu-img create` on an NBD URI reuses an existing export (nbd-create.ts).
  */
@@ -43,7 +50,11 @@ import { nbdConfig, nbdOptionsSchema, type NbdOptions } from './nbd-options.js';
 import { SECTOR_BYTES } from '../block/io.js';
 
 interface NbdState {
+  /** The first connection: export info, block status. */
   client: NbdClient;
+  /** Every connection (the first included) and its outstanding requests. */
+  conns: NbdClient[];
+  outstanding: number[];
   /** The context block status asks about, when negotiated. */
   context: string | null;
   /** x-dirty-bitmap=qemu:allocation-depth: depths above 2 read as 2 (QEMU's hack). */
@@ -60,14 +71,16 @@ async function connect(node: BlockNode, o: NbdOptions, graph: BlockGraph): Promi
   const config = nbdConfig(o);
   const context = config.xDirtyBitmap ?? CONTEXT_BASE_ALLOCATION;
   const tls = clientTlsFor(config, graph.objects);
-  const client = await NbdClient.connect({
-    address: config.address,
-    exportName: config.exportName ?? '',
-    metaContexts: [context],
-    reconnectDelaySeconds: config.reconnectDelaySeconds,
-    openTimeoutSeconds: config.openTimeoutSeconds,
-    ...(tls ? { tls } : {}),
-  });
+  const open = () =>
+    NbdClient.connect({
+      address: config.address,
+      exportName: config.exportName ?? '',
+      metaContexts: [context],
+      reconnectDelaySeconds: config.reconnectDelaySeconds,
+      openTimeoutSeconds: config.openTimeoutSeconds,
+      ...(tls ? { tls } : {}),
+    });
+  const client = await open();
   const negotiated = client.info.contexts.has(context);
   if (config.xDirtyBitmap !== undefined && !negotiated) {
     await client.disconnect();
@@ -75,7 +88,39 @@ async function connect(node: BlockNode, o: NbdOptions, graph: BlockGraph): Promi
     throw new BlockError('EINVAL', 'Could not open image: Invalid argument');
   }
   node.filename = nbdExactFilename(config.address, config.exportName, config.uriTls !== undefined);
-  return { client, context: negotiated ? context : null, allocDepthHack: config.xDirtyBitmap === CONTEXT_ALLOCATION_DEPTH };
+  const conns = [client, ...(await moreConnections(client, config.multiConn ?? 1, open))];
+  return {
+    client,
+    conns,
+    outstanding: conns.map(() => 0),
+    context: negotiated ? context : null,
+    allocDepthHack: config.xDirtyBitmap === CONTEXT_ALLOCATION_DEPTH,
+  };
+}
+
+/** The extra connections multi-conn asks for, when the server allows them. */
+async function moreConnections(first: NbdClient, wanted: number, open: () => Promise<NbdClient>): Promise<NbdClient[]> {
+  if (wanted <= 1 || !first.can(TxFlag.CAN_MULTI_CONN)) return [];
+  const settled = await Promise.allSettled(Array.from({ length: wanted - 1 }, open));
+  const more = settled.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+  const failed = settled.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  if (failed) {
+    for (const c of [first, ...more]) c.close();
+    throw failed.reason;
+  }
+  return more;
+}
+
+/** Runs a request on the least busy connection. */
+async function onConnection<T>(s: NbdState, request: (client: NbdClient) => Promise<T>): Promise<T> {
+  let i = 0;
+  for (let j = 1; j < s.conns.length; j++) if (s.outstanding[j]! < s.outstanding[i]!) i = j;
+  s.outstanding[i]!++;
+  try {
+    return await request(s.conns[i]!);
+  } finally {
+    s.outstanding[i]!--;
+  }
 }
 
 /** bdrv_apply_auto_read_only for a read-only export. */
@@ -142,7 +187,7 @@ export const nbdDriver: BlockDriver = {
     try {
       await checkWritable(node, s.client);
     } catch (e) {
-      s.client.close();
+      for (const c of s.conns) c.close();
       throw e;
     }
     node.opaque = s;
@@ -150,7 +195,7 @@ export const nbdDriver: BlockDriver = {
   },
 
   async close(node) {
-    await state(node).client.disconnect();
+    await Promise.all(state(node).conns.map((c) => c.disconnect()));
   },
 
   getLength: async (node) => state(node).client.sizeBytes,
@@ -160,26 +205,23 @@ export const nbdDriver: BlockDriver = {
     // The block layer counts whole sectors; the export may end inside the last one.
     const inside = Math.max(0, Math.min(buf.length, size - offsetBytes));
     if (inside < buf.length) buf.fill(0, inside);
-    if (inside > 0) await state(node).client.read(offsetBytes, buf.subarray(0, inside));
+    if (inside > 0) await onConnection(state(node), (c) => c.read(offsetBytes, buf.subarray(0, inside)));
   },
 
   async coPwritev(node, offsetBytes, buf, flags) {
-    await state(node).client.write(offsetBytes, buf, { fua: (flags & Req.FUA) !== 0 });
+    await onConnection(state(node), (c) => c.write(offsetBytes, buf, { fua: (flags & Req.FUA) !== 0 }));
   },
 
   async coPwriteZeroes(node, offsetBytes, bytes, flags) {
-    const { client } = state(node);
-    if (!client.can(TxFlag.SEND_WRITE_ZEROES)) throw new BlockError('ENOTSUP');
-    await client.writeZeroes(offsetBytes, bytes, {
-      fua: (flags & Req.FUA) !== 0,
-      noHole: (flags & Req.MAY_UNMAP) === 0,
-      fastZero: (flags & Req.NO_FALLBACK) !== 0,
-    });
+    const s = state(node);
+    if (!s.client.can(TxFlag.SEND_WRITE_ZEROES)) throw new BlockError('ENOTSUP');
+    const opts = { fua: (flags & Req.FUA) !== 0, noHole: (flags & Req.MAY_UNMAP) === 0, fastZero: (flags & Req.NO_FALLBACK) !== 0 };
+    await onConnection(s, (c) => c.writeZeroes(offsetBytes, bytes, opts));
   },
 
   async coPdiscard(node, offsetBytes, bytes) {
-    const { client } = state(node);
-    if (client.can(TxFlag.SEND_TRIM)) await client.trim(offsetBytes, bytes);
+    const s = state(node);
+    if (s.client.can(TxFlag.SEND_TRIM)) await onConnection(s, (c) => c.trim(offsetBytes, bytes));
   },
 
   async coFlushToOs(node) {
