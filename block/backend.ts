@@ -33,8 +33,20 @@ export interface BackendOptions {
   writeCache?: boolean;
 }
 
+/**
+ * I/O limits on a backend (block_set_io_throttle; a member of a throttle
+ * group, block/throttle-group.ts). Reads, writes and write-zeroes wait in
+ * `intercept` after their range check; a drain turns the limits off.
+ */
+export interface BackendThrottle {
+  intercept(bytes: number, isWrite: boolean): Promise<void>;
+  drainedBegin(): void;
+  drainedEnd(): void;
+}
+
 export class BlockBackend implements EdgeParent {
   readonly name: string;
+  private ioThrottle: BackendThrottle | null = null;
   private rootEdge: BdrvChild | null;
   inFlight = 0;
   private quiesceCounter = 0;
@@ -83,9 +95,11 @@ export class BlockBackend implements EdgeParent {
 
   drainedBegin(): void {
     this.quiesceCounter++;
+    this.ioThrottle?.drainedBegin();
   }
 
   drainedEnd(): void {
+    this.ioThrottle?.drainedEnd();
     this.quiesceCounter--;
     if (this.quiesceCounter === 0) {
       const waiters = this.resumeWaiters;
@@ -122,12 +136,24 @@ export class BlockBackend implements EdgeParent {
     if (offsetBytes > length || length - offsetBytes < bytes) throw new BlockError('EIO');
   }
 
+  /** I/O limits, when set (null: none). */
+  get throttle(): BackendThrottle | null {
+    return this.ioThrottle;
+  }
+
+  /** Sets or removes I/O limits; a new throttle starts with limits off if a drain is in progress. */
+  setThrottle(throttle: BackendThrottle | null): void {
+    this.ioThrottle = throttle;
+    for (let i = 0; throttle && i < this.quiesceCounter; i++) throttle.drainedBegin();
+  }
+
   // ------------------------------------------------------------ I/O
 
   /** Reads `buf.length` bytes at `offsetBytes`. */
   pread(offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
     return this.request(async () => {
       this.checkByteRequest(offsetBytes, buf.length, false);
+      if (this.ioThrottle) await this.ioThrottle.intercept(buf.length, false);
       await preadv(this.root, offsetBytes, buf, flags);
     });
   }
@@ -136,6 +162,7 @@ export class BlockBackend implements EdgeParent {
   pwrite(offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
     return this.request(async () => {
       this.checkByteRequest(offsetBytes, buf.length, true);
+      if (this.ioThrottle) await this.ioThrottle.intercept(buf.length, true);
       await pwritev(this.root, offsetBytes, buf, this.writeFlags(flags));
     });
   }
@@ -144,6 +171,7 @@ export class BlockBackend implements EdgeParent {
   pwriteZeroes(offsetBytes: number, bytes: number, flags = 0): Promise<void> {
     return this.request(async () => {
       this.checkByteRequest(offsetBytes, bytes, true);
+      if (this.ioThrottle) await this.ioThrottle.intercept(bytes, true);
       await pwriteZeroes(this.root, offsetBytes, bytes, this.writeFlags(flags));
     });
   }

@@ -164,6 +164,13 @@ export interface BlockDriver {
   /** Whether the node carries dirty bitmaps (QEMU then refuses snapshot goto). Absent: none. */
   hasDirtyBitmaps?(node: BlockNode): boolean;
   /**
+   * The node's quiesce count went from 0 to 1 (bdrv_drain_begin): a driver
+   * holding requests back (throttle) lets them go. drainEnd: back to 0.
+   * Absent: nothing to do.
+   */
+  drainBegin?(node: BlockNode): void;
+  drainEnd?(node: BlockNode): void;
+  /**
    * bdrv_make_empty: drops every cluster the image itself allocates, so it
    * reads through to its backing file (or as zeroes). Called drained, by a
    * parent holding write permission (block/make-empty.ts). Absent: ENOTSUP
@@ -251,6 +258,8 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     hasZeroInit: d.hasZeroInit ?? defaultHasZeroInit(d),
     makeEmpty: d.makeEmpty ?? notSupported(`${d.name} does not support emptying nodes`),
     changeBackingFile: d.changeBackingFile ?? notSupported(`Driver '${d.name}' cannot change the backing file`),
+    drainBegin: d.drainBegin ?? (() => {}),
+    drainEnd: d.drainEnd ?? (() => {}),
     has: {
       pwritev: d.coPwritev !== undefined,
       pwritevCompressed: d.coPwritevCompressed !== undefined,

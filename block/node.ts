@@ -243,12 +243,12 @@ export class BlockNode implements EdgeParent {
 
   /** A node parent quiesces by passing the drain on to its own parents. */
   drainedBegin(): void {
-    this.quiesceCounter++;
+    if (this.quiesceCounter++ === 0) this.driver.drainBegin(this);
     for (const edge of this.parents) edge.parent.drainedBegin();
   }
 
   drainedEnd(): void {
-    this.quiesceCounter--;
+    if (--this.quiesceCounter === 0) this.driver.drainEnd(this);
     for (const edge of this.parents) edge.parent.drainedEnd();
   }
 

@@ -9,7 +9,8 @@ import { nbdDriver } from './nbd.js';
 import { nullDriver } from './null.js';
 import { qcow2Driver } from './qcow2/qcow2.js';
 import { rawDriver } from './raw.js';
+import { throttleDriver } from './throttle.js';
 
-export const builtinDrivers: readonly BlockDriver[] = [fileDriver, rawDriver, qcow2Driver, nullDriver, blkdebugDriver, nbdDriver];
+export const builtinDrivers: readonly BlockDriver[] = [fileDriver, rawDriver, qcow2Driver, nullDriver, blkdebugDriver, nbdDriver, throttleDriver];
 
-export { blkdebugDriver, fileDriver, nullDriver, qcow2Driver, rawDriver };
+export { blkdebugDriver, fileDriver, nullDriver, qcow2Driver, rawDriver, throttleDriver };

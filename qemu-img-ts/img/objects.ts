@@ -16,6 +16,7 @@
  */
 import { BlockError } from '../../block/errors.js';
 import { parseKeyval, type OptionTree } from '../../block/keyval.js';
+import { throttleConfigFromProps } from '../../block/throttle-object.js';
 
 /** The user-creatable types of qemu-img 7.2, in its `--object help` order. */
 const QOM_TYPES = [
@@ -68,6 +69,7 @@ export class ObjectRegistry {
       );
     }
     checkProperties(qomType, props);
+    if (qomType === 'throttle-group') throttleConfigFromProps(props);
     if (this.objects.has(id)) {
       throw new BlockError('EEXIST', `attempt to add duplicate property '${id}' to object (type 'container')`);
     }
