@@ -81,9 +81,15 @@ export interface OpenContext {
    * Opens (or references, when the option is a node name) the child under
    * option key `name` and attaches it with the given role. Returns null when
    * the key is absent and `optional` is set; otherwise a missing key is an
-   * EINVAL error naming the key.
+   * EINVAL error naming the key. `perms` overrides the role's default
+   * permissions, given the child node (a filter inserted above a node in use
+   * takes what that node's parents hold, as QEMU's filter child_perm).
    */
-  openChild(name: string, role: ChildRoleFlags, opts?: { optional?: boolean }): Promise<BdrvChild | null>;
+  openChild(
+    name: string,
+    role: ChildRoleFlags,
+    opts?: { optional?: boolean; perms?: (child: BlockNode) => { perm: number; shared: number } },
+  ): Promise<BdrvChild | null>;
 }
 
 /** Context of a create call. */

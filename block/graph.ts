@@ -202,6 +202,10 @@ export class BlockGraph {
         };
         const child = await this.openNode(spec, childInherit);
         try {
+          if (opts.perms) {
+            const { perm, shared } = opts.perms(child);
+            return attachChild(node, name, role, child, perm, shared);
+          }
           return this.attach(node, name, role, child);
         } catch (e) {
           await this.unref(child);

@@ -4,6 +4,7 @@
  */
 import type { BlockDriver } from '../block/driver.js';
 import { blkdebugDriver } from './blkdebug.js';
+import { copyBeforeWriteDriver } from '../block/copy-before-write.js';
 import { fileDriver } from './file/file.js';
 import { nbdDriver } from './nbd.js';
 import { nullDriver } from './null.js';
@@ -11,6 +12,6 @@ import { qcow2Driver } from './qcow2/qcow2.js';
 import { rawDriver } from './raw.js';
 import { throttleDriver } from './throttle.js';
 
-export const builtinDrivers: readonly BlockDriver[] = [fileDriver, rawDriver, qcow2Driver, nullDriver, blkdebugDriver, nbdDriver, throttleDriver];
+export const builtinDrivers: readonly BlockDriver[] = [fileDriver, rawDriver, qcow2Driver, nullDriver, blkdebugDriver, nbdDriver, throttleDriver, copyBeforeWriteDriver];
 
 export { blkdebugDriver, fileDriver, nullDriver, qcow2Driver, rawDriver, throttleDriver };

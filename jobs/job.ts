@@ -27,7 +27,7 @@
  * Kinds never touch the status: they run, report progress, call
  * `transitionToReady`, `rateLimit`, `pausePoint` and `errorAction`.
  */
-import { RateLimit } from '../block/ratelimit.js';
+import { Bucket, ThrottleState, WRITE, emptyThrottleConfig } from '../block/throttle.js';
 import { BlockError, toBlockError } from '../block/errors.js';
 import { canTransition, verbAllowed, type JobStatus, type JobType, type JobVerb } from './job-tables.js';
 
@@ -71,6 +71,37 @@ export interface JobOptions {
   speed?: number;
 }
 
+/**
+ * A job's speed limit (bytes per second, 0 = none) on the throttle's leaky
+ * bucket (block/throttle.ts, bps-total = speed), so job speeds and I/O
+ * limits share one limiter. The job accounts what it just copied and
+ * sleeps as long as the bucket is over its 100 ms burst.
+ */
+export class SpeedLimit {
+  private readonly state: ThrottleState;
+
+  constructor(
+    bytesPerSecond: number,
+    private readonly nowMs: () => number = () => performance.now(),
+  ) {
+    this.state = new ThrottleState(nowMs());
+    this.setSpeed(bytesPerSecond);
+  }
+
+  setSpeed(bytesPerSecond: number): void {
+    const cfg = emptyThrottleConfig();
+    cfg.buckets[Bucket.BPS_TOTAL]!.avg = bytesPerSecond;
+    this.state.configure(cfg, this.nowMs());
+  }
+
+  /** Accounts `bytes` just copied; returns the ms to wait before copying more. */
+  delayFor(bytes: number): number {
+    if (!this.state.enabled) return 0;
+    this.state.account(WRITE, bytes);
+    return this.state.waitMs(WRITE, this.nowMs());
+  }
+}
+
 /** Job types reported as block jobs (query-block-jobs, BLOCK_JOB_* events). */
 const BLOCK_JOB_TYPES: readonly JobType[] = ['commit', 'stream', 'mirror', 'backup'];
 
@@ -81,7 +112,7 @@ export class Job {
   readonly autoFinalize: boolean;
   readonly autoDismiss: boolean;
   speed: number;
-  readonly limit: RateLimit;
+  readonly limit: SpeedLimit;
   /** Progress in bytes (current-progress / total-progress). */
   currentProgress = 0;
   totalProgress = 0;
@@ -101,6 +132,8 @@ export class Job {
   private wake: (() => void) | null = null;
   /** Resolves when the job reaches null (or concluded without auto-dismiss). */
   private settledWaiters: Array<() => void> = [];
+  /** Run once when the job concludes or fails early (lift op blockers). */
+  private cleanups: Array<() => void> = [];
 
   constructor(
     readonly driver: JobDriver,
@@ -113,7 +146,7 @@ export class Job {
     this.autoFinalize = opts.autoFinalize ?? true;
     this.autoDismiss = opts.autoDismiss ?? true;
     this.speed = opts.speed ?? 0;
-    this.limit = new RateLimit(this.speed);
+    this.limit = new SpeedLimit(this.speed);
     this.transition('created');
   }
 
@@ -170,6 +203,7 @@ export class Job {
   earlyFail(): void {
     if (this.started) throw new Error(`job ${this.id} already started`);
     this.finished = true;
+    this.runCleanups();
     this.dismissNow();
   }
 
@@ -244,8 +278,18 @@ export class Job {
   private conclude(): void {
     this.transition('concluded');
     this.finished = true;
+    this.runCleanups();
     if (this.autoDismiss || this.cancelledUnstarted) this.dismissNow();
     else this.settle();
+  }
+
+  /** Registers `fn` to run when the job concludes (or fails before it starts). */
+  addCleanup(fn: () => void): void {
+    this.cleanups.push(fn);
+  }
+
+  private runCleanups(): void {
+    for (const fn of this.cleanups.splice(0)) fn();
   }
 
   private dismissNow(): void {
@@ -300,7 +344,8 @@ export class Job {
 
   /** Sleeps `ms` unless cancelled; a verb (resume, cancel, set-speed) wakes it early. */
   async sleep(ms: number): Promise<void> {
-    if (this.isCancelled()) return;
+    // A pending pause skips the sleep, as QEMU's job_sleep_ns: the caller's pause point comes next.
+    if (this.isCancelled() || this.pauseCount > 0) return;
     this.busy = false;
     await new Promise<void>((resolve) => {
       const timer = setTimeout(done, ms);
@@ -360,6 +405,8 @@ export class Job {
     if (this.userPaused) throw new JobError('Job is already paused');
     this.userPaused = true;
     this.pauseCount++;
+    // Wake a sleeping job so it reaches its pause point now (job_pause_locked's job_enter).
+    this.kick();
   }
 
   resume(): void {
@@ -373,7 +420,7 @@ export class Job {
 
   setSpeed(bytesPerSecond: number): void {
     this.checkVerb('set-speed');
-    if (bytesPerSecond < 0) throw new JobError("Invalid parameter 'speed'");
+    if (bytesPerSecond < 0) throw new JobError("Parameter 'speed' expects a non-negative value");
     const faster = bytesPerSecond === 0 || (this.speed !== 0 && bytesPerSecond > this.speed);
     this.speed = bytesPerSecond;
     this.limit.setSpeed(bytesPerSecond);

@@ -43,8 +43,9 @@ export class JobRegistry {
     return job;
   }
 
+  /** Newest first, as QEMU's job list (QLIST_INSERT_HEAD) and so query-jobs. */
   list(): Job[] {
-    return [...this.jobs.values()];
+    return [...this.jobs.values()].reverse();
   }
 
   blockJobs(): Job[] {

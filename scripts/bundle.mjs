@@ -26,6 +26,7 @@ const TOOLS = {
   'qemu-img-ts': 'dist/qemu-img-ts/qemu-img.js',
   'qemu-io-ts': 'dist/qemu-img-ts/qemu-io.js',
   'qemu-nbd-ts': 'dist/qemu-img-ts/qemu-nbd.js',
+  'qemu-storage-daemon-ts': 'dist/qemu-img-ts/qemu-storage-daemon.js',
 };
 const binDir = path.join(root, 'dist', 'bin');
 

@@ -61,7 +61,7 @@ export const QCOW2_CREATE_OPTS: readonly CreateOptDesc[] = [
 ];
 
 /** QEMU 7.2's BlockdevDriver names: what backing_fmt may be. */
-const BLOCKDEV_DRIVERS = new Set(
+export const BLOCKDEV_DRIVERS = new Set(
   ('blkdebug blklogwrites blkreplay blkverify bochs cloop compress copy-before-write copy-on-read dmg file snapshot-access ' +
     'ftp ftps gluster host_cdrom host_device http https io_uring iscsi luks nbd nfs null-aio null-co nvme nvme-io_uring ' +
     'parallels preallocate qcow qcow2 qed quorum raw rbd replication ssh throttle vdi vhdx virtio-blk-vfio-pci ' +

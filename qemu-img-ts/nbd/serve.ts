@@ -146,7 +146,7 @@ async function listen(server: NbdServer, c: NbdCliConfig): Promise<void> {
 }
 
 /** QEMU's socket_listen messages for a listen that failed. */
-function listenFailure(addr: NbdAddress, e: unknown): string {
+export function listenFailure(addr: NbdAddress, e: unknown): string {
   let code = (e as NodeJS.ErrnoException).code;
   // Node reports a unix socket in a missing directory as EACCES; bind(2) says ENOENT.
   if (addr.type === 'unix' && code === 'EACCES' && !fs.existsSync(path.dirname(addr.path))) code = 'ENOENT';
@@ -166,13 +166,13 @@ function writePidFile(file: string): void {
 }
 
 /** In a --fork child: tell the parent the server runs, then stop talking to it. */
-function reportReady(): void {
+export function reportReady(): void {
   if (process.env[FORKED_ENV] === undefined || !process.send) return;
   process.send('ready', () => process.disconnect());
 }
 
 /** The --fork parent: start the child and wait for it to be ready or to fail. */
-function forkServer(): Promise<number> {
+export function forkServer(): Promise<number> {
   const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], {
     detached: true,
     stdio: ['ignore', 'ignore', 'inherit', 'ipc'],

@@ -8,7 +8,7 @@
  * Commands are sent one at a time (no "id" needed): `execute` waits for the
  * answer before the next may be sent, and every wait is bounded.
  *
- * `startStorageDaemon` runs qemu-storage-daemon with a QMP monitor on
+ * `startStorageDaemon` runs qemu-storage-daemon (or ours, qemu-storage-daemon-ts) with a QMP monitor on
  * `<dir>/qmp-N.sock` plus the caller's arguments (blockdevs, NBD server,
  * exports listening on unix sockets only) and connects; `quit` asks it to
  * exit over QMP (it flushes and stores persistent bitmaps on the way out)
@@ -19,6 +19,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { oursCommand } from './run.js';
 
 /** Longest wait for the monitor socket to appear and accept, and for one answer. */
 export const QMP_TIMEOUT_MS = 10_000;
@@ -143,12 +144,13 @@ export interface StorageDaemon {
 
 let serial = 0;
 
-/** qemu-storage-daemon with a QMP monitor on a unix socket in `dir`, plus `args`. */
-export async function startStorageDaemon(dir: string, args: string[]): Promise<StorageDaemon> {
+/** qemu-storage-daemon (or with `ours`, qemu-storage-daemon-ts) with a QMP monitor on a unix socket in `dir`, plus `args`. */
+export async function startStorageDaemon(dir: string, args: string[], opts: { ours?: boolean } = {}): Promise<StorageDaemon> {
   const qmpSocket = path.join(dir, `qmp-${process.pid}-${++serial}.sock`);
   fs.rmSync(qmpSocket, { force: true });
   const monitor = ['--chardev', `socket,path=${qmpSocket},server=on,wait=off,id=qmp0`, '--monitor', 'chardev=qmp0'];
-  const child = spawn('qemu-storage-daemon', [...monitor, ...args], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
+  const [command, ...prefix] = opts.ours ? oursCommand('qemu-storage-daemon-ts') : ['qemu-storage-daemon'];
+  const child = spawn(command!, [...prefix, ...monitor, ...args], { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
   let err = '';
   child.stderr!.on('data', (d: Buffer) => (err += d.toString()));
   const exited = new Promise<number | null>((resolve) => child.once('exit', (code) => resolve(code)));

@@ -12,6 +12,7 @@ const BINS: Record<string, string> = {
   'qemu-img-ts': 'dist/bin/qemu-img-ts.mjs',
   'qemu-io-ts': 'dist/bin/qemu-io-ts.mjs',
   'qemu-nbd-ts': 'dist/bin/qemu-nbd-ts.mjs',
+  'qemu-storage-daemon-ts': 'dist/bin/qemu-storage-daemon-ts.mjs',
 };
 
 /** The command line that runs one of our tools (`[node, bin]`). */

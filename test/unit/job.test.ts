@@ -4,7 +4,7 @@
 // while pending), error policies, auto-finalize/auto-dismiss.
 import { describe, expect, it } from 'vitest';
 import { BlockError } from '../../block/errors.js';
-import { Job, JobError, type JobDriver } from '../../jobs/job.js';
+import { Job, JobError, SpeedLimit, type JobDriver } from '../../jobs/job.js';
 import { JobRegistry } from '../../jobs/registry.js';
 import { canTransition, idWellformed, verbAllowed } from '../../jobs/job-tables.js';
 
@@ -272,9 +272,26 @@ describe('registry', () => {
   it('set-speed validates and applies', () => {
     const { reg } = setup();
     const job = reg.create({ type: 'mirror', run: async () => {} }, { id: 's' });
-    expect(() => job.setSpeed(-1)).toThrow("Invalid parameter 'speed'");
+    expect(() => job.setSpeed(-1)).toThrow("Parameter 'speed' expects a non-negative value");
     job.setSpeed(1 << 20);
     expect(job.blockJobInfo().speed).toBe(1 << 20);
     job.earlyFail();
+  });
+});
+
+describe('speed limit', () => {
+  it('holds the long-run rate to the speed on the throttle bucket', () => {
+    let now = 0;
+    const limit = new SpeedLimit(1 << 20, () => now);
+    let copied = 0;
+    // Copy 64 KiB chunks, sleeping as told, for 10 simulated seconds.
+    while (now < 10_000) {
+      copied += 65536;
+      now += limit.delayFor(65536);
+    }
+    expect(copied / (now / 1000)).toBeGreaterThan(0.95 * (1 << 20));
+    expect(copied / (now / 1000)).toBeLessThan(1.05 * (1 << 20));
+    limit.setSpeed(0);
+    expect(limit.delayFor(1 << 30)).toBe(0);
   });
 });

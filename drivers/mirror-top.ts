@@ -1,0 +1,149 @@
+/*
+ * `mirror_top`: the filter a mirror (or active commit) job inserts above its
+ * source (QEMU's bdrv_mirror_top in block/mirror.c).
+ *
+ * Every parent of the source is moved onto the filter when the job starts,
+ * so every guest write of the source passes here. Reads, flushes and block
+ * status pass through to the `backing` child (the source). Writes,
+ * write-zeroes and discards are handed to the job's hooks (`MirrorTopHooks`),
+ * which write the source and, by copy mode, either mark the job's dirty
+ * bitmap (background) or also write the target before the guest write
+ * completes (write-blocking). Without hooks (before the job attached, after
+ * it let go) the filter passes everything through.
+ *
+ * The node is not user-creatable in QEMU and is not here either: the
+ * driver is in no driver list (blockdev-add and `qemu-img --help` do not
+ * know it); `insertMirrorTop` builds the node directly, attaches the
+ * source with the permissions the source's parents hold (the filter takes
+ * what its parents need, shares everything, as QEMU's child_perm does) and
+ * registers it in the graph under `filter-node-name` or an automatic
+ * `#mirror-topN`; the caller then moves the parents. Resizing through the filter is refused (ENOTSUP),
+ * as a mirror blocks resize of its source.
+ */
+import { z } from 'zod';
+import { BlockError } from '../block/errors.js';
+import { Perm, Req, Status } from '../block/flags.js';
+import { flush, pdiscard, preadv, pwriteZeroes, pwritev, refreshLength } from '../block/io.js';
+import { attachChild, BlockNode, ChildRole, type BdrvChild } from '../block/node.js';
+import { normaliseDriver, type BlockDriver } from '../block/driver.js';
+import type { BlockGraph } from '../block/graph.js';
+import { invalidNodeName } from '../block/options.js';
+
+export const MIRROR_TOP_DRIVER = 'mirror_top';
+
+/** One guest write as the job sees it: where, and how to issue it to the source or to another edge. */
+export interface GuestWrite {
+  offsetBytes: number;
+  bytes: number;
+  /** A discard: a hint that may leave any content, so the job copies the range afterwards rather than repeating it. */
+  discard: boolean;
+  /** Issues the request to the source (the filter's child). */
+  toSource(): Promise<void>;
+  /** Issues the same request through `edge` (the job's target edge). */
+  toEdge(edge: BdrvChild): Promise<void>;
+}
+
+/** What the job supplies to the filter. */
+export interface MirrorTopHooks {
+  write(req: GuestWrite): Promise<void>;
+}
+
+interface MirrorTopState {
+  child: BdrvChild | null;
+  hooks: MirrorTopHooks | null;
+}
+
+const state = (node: BlockNode) => node.opaque as MirrorTopState;
+
+function child(node: BlockNode): BdrvChild {
+  const c = state(node).child;
+  if (!c) throw new BlockError('ENOMEDIUM');
+  return c;
+}
+
+/** Runs a guest write through the hooks, or straight to the source. */
+function guestWrite(
+  node: BlockNode,
+  offsetBytes: number,
+  bytes: number,
+  issue: (edge: BdrvChild) => Promise<void>,
+  discard = false,
+) {
+  const s = state(node);
+  const req: GuestWrite = { offsetBytes, bytes, discard, toSource: () => issue(child(node)), toEdge: issue };
+  return s.hooks ? s.hooks.write(req) : req.toSource();
+}
+
+export const mirrorTopDriver: BlockDriver = {
+  name: MIRROR_TOP_DRIVER,
+  isFilter: true,
+  optionsSchema: z.object({}),
+  async open() {
+    throw new BlockError('EINVAL', "Unknown driver 'mirror_top'");
+  },
+  getLength: async (node) => state(node).child?.node.totalBytes ?? 0,
+  coPreadv: (node, offsetBytes, buf, flags) => preadv(child(node), offsetBytes, buf, flags),
+  coPwritev: (node, offsetBytes, buf, flags) =>
+    guestWrite(node, offsetBytes, buf.length, (edge) => pwritev(edge, offsetBytes, buf, flags)),
+  coPwriteZeroes: (node, offsetBytes, bytes, flags) =>
+    guestWrite(node, offsetBytes, bytes, (edge) => pwriteZeroes(edge, offsetBytes, bytes, flags)),
+  coPdiscard: (node, offsetBytes, bytes) =>
+    guestWrite(node, offsetBytes, bytes, (edge) => pdiscard(edge, offsetBytes, bytes), true),
+  coFlushToOs: async (node) => flush(child(node).node),
+  coBlockStatus: async (node, _wantZero, offsetBytes, bytes) => ({
+    status: Status.RAW | Status.OFFSET_VALID,
+    pnum: bytes,
+    map: offsetBytes,
+    file: child(node).node,
+  }),
+};
+
+/** Prefix of automatic filter names ('#' cannot start a user's node name). */
+const IMPLICIT_NAME_PREFIX = '#mirror-top';
+
+/** The normalised driver, built once (the filter is not in the graph's driver list). */
+const normalisedMirrorTop = normaliseDriver(mirrorTopDriver);
+
+function implicitName(graph: BlockGraph): string {
+  let i = 1;
+  while (graph.nodes.has(`${IMPLICIT_NAME_PREFIX}${i}`)) i++;
+  return `${IMPLICIT_NAME_PREFIX}${i}`;
+}
+
+/**
+ * Builds a mirror_top node above `source` and registers it in the graph;
+ * moves nothing yet: the caller moves the parents (block/replace.ts) once
+ * the job is set up. `nodeName` null gives an automatic name.
+ */
+export async function insertMirrorTop(graph: BlockGraph, source: BlockNode, nodeName: string | null): Promise<BlockNode> {
+  const name = nodeName ?? implicitName(graph);
+  const reason = nodeName === null ? null : invalidNodeName(nodeName);
+  if (reason) throw new BlockError('EINVAL', reason);
+  if (graph.nodes.has(name)) throw new BlockError('EEXIST', `Duplicate nodes with node-name='${name}'`);
+  const filter = new BlockNode(normalisedMirrorTop, name, nodeName === null, source.readOnly, {
+    ...source.openFlags,
+    detectZeroes: 'off',
+  });
+  filter.opaque = { child: null, hooks: null } satisfies MirrorTopState;
+  const { perm } = source.parentPerms();
+  const edge = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, source, perm | Perm.CONSISTENT_READ, Perm.ALL);
+  state(filter).child = edge;
+  filter.supportedWriteFlags = Req.FUA & source.supportedWriteFlags;
+  filter.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & source.supportedZeroFlags;
+  filter.limits = { ...source.limits };
+  filter.filename = source.filename;
+  filter.options = { driver: MIRROR_TOP_DRIVER, 'node-name': name, backing: source.nodeName };
+  await refreshLength(filter);
+  graph.nodes.set(name, filter);
+  return filter;
+}
+
+/** The filter's edge onto its child (the source, or the target after a pivot). */
+export function mirrorTopChild(filter: BlockNode): BdrvChild {
+  return child(filter);
+}
+
+/** Attaches (or with null detaches) the job's hooks. */
+export function setMirrorTopHooks(filter: BlockNode, hooks: MirrorTopHooks | null): void {
+  state(filter).hooks = hooks;
+}

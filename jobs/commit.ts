@@ -1,0 +1,124 @@
+/*
+ * The intermediate commit job (QEMU's block/commit.c, block-commit with a
+ * `top` below the active layer): copy into `base` everything the images
+ * from `top` down to (not including) `base` allocate, then make `base` the
+ * backing image of `top`'s overlays and drop the committed images.
+ *
+ * Set-up (startCommit): the caller has resolved top and base (base below
+ * top). A read-only base is made writable first (block/chain.ts
+ * reopenReadWrite, as QEMU reopens it read-write). The job holds a reading
+ * edge on top and a writing, resizing edge on base.
+ *
+ * Run: the base grows to top's length if it is shorter (never shrinks);
+ * then chain-copy.ts's loop asks block status from top down to base for
+ * each stretch and copies (read through top, plain write into base) only
+ * what a committed image allocates, so the cost grows with the data. As in
+ * QEMU's commit_run, `ignore` retries a failed stretch, progress counts the
+ * whole length, and a stretch that was not copied costs no rate budget.
+ *
+ * Prepare (after success; bdrv_drop_intermediate): each overlay of top —
+ * a node whose backing edge points at top — gets its header rewritten to
+ * name `backingFile` if given, else the base's filename, with the base's
+ * format, and its backing edge moved to base; the committed images, which
+ * nothing references any more, are closed. The committed images are no
+ * longer consistent views (base changed under them), as in QEMU. On failure
+ * or cancel the graph is left alone: base holds a mix, top still reads the
+ * same.
+ *
+ * Active commit (top is the device's active layer) is mirror's business:
+ * jobs/mirror.ts.
+ */
+import { changeBackingFile, reopenReadWrite } from '../block/chain.js';
+import { Perm } from '../block/flags.js';
+import { truncate } from '../block/io.js';
+import { attachChild, BlockNode, ChildRole, detachChild, replaceChildNode, TransientParent, type BdrvChild } from '../block/node.js';
+import { blockStatusAbove } from '../block/status.js';
+import { runChainCopy } from './chain-copy.js';
+import type { Job, JobDriver, OnErrorPolicy } from './job.js';
+import { createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
+
+export interface CommitOptions extends BlockJobOptions {
+  top: BlockNode;
+  base: BlockNode;
+  backingFile?: string;
+  onError?: OnErrorPolicy;
+}
+
+interface CommitState {
+  ctx: JobContext;
+  top: BlockNode;
+  base: BlockNode;
+  backingFile: string | undefined;
+  onError: OnErrorPolicy;
+  topEdge: BdrvChild | null;
+  baseEdge: BdrvChild | null;
+}
+
+/** Creates and starts an intermediate commit job (see the note at the top). */
+export async function startCommit(ctx: JobContext, opts: CommitOptions): Promise<Job> {
+  ctx.jobs.checkNewId(opts.jobId);
+  const base = opts.base.readOnly ? await reopenReadWrite(ctx.graph, opts.base) : opts.base;
+  const s: CommitState = { ctx, top: opts.top, base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', topEdge: null, baseEdge: null };
+  const job = createBlockJob(ctx, commitDriver(s), opts, [opts.top, base]);
+  const parent = new TransientParent(`block job '${opts.jobId}'`);
+  try {
+    s.topEdge = attachChild(parent, 'commit top', 0, s.top, Perm.CONSISTENT_READ, Perm.ALL);
+    s.baseEdge = attachChild(parent, 'commit base', 0, base, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.ALL);
+  } catch (e) {
+    releaseEdges(s);
+    job.earlyFail();
+    throw e;
+  }
+  job.start();
+  return job;
+}
+
+function releaseEdges(s: CommitState): void {
+  if (s.topEdge) detachChild(s.topEdge);
+  if (s.baseEdge) detachChild(s.baseEdge);
+  s.topEdge = s.baseEdge = null;
+}
+
+function commitDriver(s: CommitState): JobDriver {
+  return {
+    type: 'commit',
+    run: (job) => commitRun(job, s),
+    prepare: () => dropIntermediate(s),
+    clean: () => releaseEdges(s),
+  };
+}
+
+async function commitRun(job: Job, s: CommitState): Promise<void> {
+  const lengthBytes = s.top.totalBytes;
+  if (s.base.totalBytes < lengthBytes) await truncate(s.baseEdge!, lengthBytes, false, 'off');
+  await runChainCopy(job, {
+    read: s.topEdge!,
+    write: s.baseEdge!,
+    lengthBytes,
+    onError: s.onError,
+    ignoreMeans: 'retry',
+    zeroesAsWriteZeroes: false,
+    decide: async (offset, maxBytes) => {
+      const st = await blockStatusAbove(s.top, s.base, offset, maxBytes, false);
+      return { copy: st.depth > 0, bytes: st.pnum };
+    },
+  });
+}
+
+/** The nodes whose backing edge points at `node`, with those edges. */
+function overlayEdges(node: BlockNode): BdrvChild[] {
+  return node.parents.filter((e) => e.role & ChildRole.COW && e.parent instanceof BlockNode);
+}
+
+/** bdrv_drop_intermediate: overlays of top now back onto base; the committed images close. */
+async function dropIntermediate(s: CommitState): Promise<void> {
+  const base = s.base.skipFilters();
+  const name = s.backingFile ?? base.filename;
+  for (const edge of overlayEdges(s.top)) {
+    await changeBackingFile(edge.parent as BlockNode, name, base.driver.name, false);
+    replaceChildNode(edge, s.base);
+  }
+  if (s.topEdge) detachChild(s.topEdge);
+  s.topEdge = null;
+  await s.ctx.graph.unref(s.top);
+}

@@ -1,0 +1,528 @@
+/*
+ * The mirror job and active commit (QEMU's block/mirror.c).
+ *
+ * Public entry points (stable; the QMP commands and block-commit call them):
+ *   startMirror(ctx: MirrorCtx, opts: MirrorOptions): Promise<Job>
+ *   startActiveCommit(ctx: MirrorCtx, opts: { jobId: string; top: BlockNode;
+ *     base: BlockNode; speed?: number; onError?: OnErrorPolicy;
+ *     filterNodeName?: string; autoFinalize?: boolean; autoDismiss?: boolean;
+ *     backingFile?: string }): Promise<Job>          (jobs/mirror-commit.ts)
+ * Both do the set-up QEMU's mirror_start_job does (checks, filter, bitmap,
+ * edges), start the job and return it; a set-up failure throws with QEMU's
+ * text and the job goes created → null. They are async because opening
+ * the filter node (and reopening a read-only base) is.
+ *
+ * Set-up: a `mirror_top` filter (drivers/mirror-top.ts) is opened above the
+ * source and every parent of the source (exports' BlockBackends, overlays)
+ * moves onto it; the job writes the target through its own edge; an
+ * anonymous dirty bitmap at `granularity` hangs off the filter. The bitmap
+ * is disabled for the gate: the filter's hooks (`write` below) mark it, so
+ * the copy mode alone decides what a guest write does:
+ *   background      the write goes to the source, then its range is dirty;
+ *   write-blocking  the write claims its granules (waiting for copies of
+ *                   them), goes to the source, then to the target; granules
+ *                   it covers whole become clean; a target failure only
+ *                   dirties the range (and asks the error policy). A
+ *                   discard leaves undefined content, so it is handled
+ *                   as in background mode (the range is copied later).
+ * `change({copy-mode})` switches background → write-blocking at run time.
+ *
+ * run(): initial dirtying by sync mode (mirror-dirty.ts; its cost grows
+ * with the allocated data, not the virtual size), then the copy loop: up
+ * to IN_FLIGHT_MAX ops of at most IO_MAX_BYTES, buf-size bytes in all,
+ * each claiming its range and clearing its granules before reading (a
+ * write landing meanwhile dirties them again), choosing by block status
+ * through the source's chain: zero → write zeroes (MAY_UNMAP with unmap),
+ * no data → discard (or zeroes), else read + write into a buffer reused
+ * from op to op (CopyBuffers: a fresh 1 MiB per op cost zero-filling and
+ * garbage collection, a quarter of the job's time). Progress: total =
+ * done + dirty + in flight, so it grows with new writes. Clean and idle ⇒
+ * READY. After READY new writes keep being copied until job-complete or
+ * a soft cancel: then, once what is dirty fits in buf-size, the source is
+ * drained (guest writes wait), the rest copied, the target flushed, and
+ * run() returns with the drain held. QEMU instead waits for a moment when
+ * nothing is dirty before it drains, which a steady writer in background
+ * mode may never give it; draining at buf-size converges whatever the
+ * writer does, and holds guests for at most one buffer of copying.
+ *
+ * Exit (mirror_exit_common), from prepare on success or abort: hooks off,
+ * bitmap released, the job's target edge dropped; on complete (not on a
+ * soft cancel) the parents of `replaces` (default: the source, whose only
+ * parent is then the filter) move onto the target; the filter's parents
+ * move onto the filter's child (the target after a pivot, else the
+ * source) and the filter closes; the drain ends. Source and target are
+ * unref'd: user-owned (blockdev-add) nodes and nodes with users stay open
+ * (drive-mirror's target closes after a cancel). Active commit also rewrites
+ * the backing file name in any overlay now sitting on the base.
+ *
+ * Errors of copy ops follow on-source-error (reads) and on-target-error
+ * (writes) through job.errorAction: report fails the job; ignore leaves the
+ * range dirty, to be retried after IGNORE_RETRY_MS; stop pauses the job,
+ * which retries after job-resume.
+ *
+ * Left out: `replaces` checks at complete time, BLOCK_JOB's
+ * `actively-synced` (8.2; QEMU 7.2 does not report it), restoring a
+ * commit base to read-only afterwards, target cluster alignment of copy ops.
+ */
+import { BlockError, toBlockError } from '../block/errors.js';
+import { Perm, Req, Status, alignDown, isPowerOfTwo } from '../block/flags.js';
+import { flush, pdiscard, preadv, pwriteZeroes, pwritev, truncate } from '../block/io.js';
+import { attachChild, BlockNode, detachChild, TransientParent, type BdrvChild } from '../block/node.js';
+import { createDirtyBitmap, defaultBitmapGranularity, releaseDirtyBitmap, type DirtyBitmap } from '../block/dirty-bitmap.js';
+import { drainedBegin, drainedEnd } from '../block/drain.js';
+import { blockStatusAbove } from '../block/status.js';
+import { moveParents, replaceNode } from '../block/replace.js';
+import { changeBackingFile } from '../block/chain.js';
+import type { BlockGraph } from '../block/graph.js';
+import { insertMirrorTop, mirrorTopChild, setMirrorTopHooks, type GuestWrite, type MirrorTopHooks } from '../drivers/mirror-top.js';
+import { checkNodesFree, claimNodes } from './block-job.js';
+import { JobError, type Job, type JobDriver, type OnErrorPolicy } from './job.js';
+import type { JobRegistry } from './registry.js';
+import { CopyBuffers, InFlightOps } from './mirror-ops.js';
+import { dirtyInit, type DirtyInitMode } from './mirror-dirty.js';
+
+/** Largest copy op (QEMU's MAX_IO_BYTES). */
+export const IO_MAX_BYTES = 1 << 20;
+/** Copy ops in flight at once (MAX_IN_FLIGHT). */
+export const IN_FLIGHT_MAX = 16;
+/** Default buf-size (DEFAULT_MIRROR_BUF_SIZE). */
+export const DEFAULT_BUF_BYTES = IN_FLIGHT_MAX * IO_MAX_BYTES;
+/** Granularity bounds (blockdev_mirror_common). */
+export const GRANULARITY_MIN_BYTES = 512;
+export const GRANULARITY_MAX_BYTES = 64 << 20;
+/** How long an idle READY loop waits before looking again (QEMU sleeps a slice). */
+const IDLE_POLL_MS = 100;
+/** Delay before retrying ranges whose copy failed under on-*-error=ignore. */
+const IGNORE_RETRY_MS = 20;
+
+export type MirrorSync = 'full' | 'top' | 'none';
+export type CopyMode = 'background' | 'write-blocking';
+
+export interface MirrorCtx {
+  graph: BlockGraph;
+  jobs: JobRegistry;
+}
+
+export interface MirrorOptions {
+  jobId: string;
+  source: BlockNode;
+  target: BlockNode;
+  sync: MirrorSync;
+  /** Node whose parents move to the target on completion (default: the source). */
+  replaces?: BlockNode;
+  speed?: number;
+  /** Bytes; 0 or absent: the default for the target. */
+  granularity?: number;
+  /** Bytes; 0 or absent: DEFAULT_BUF_BYTES. */
+  bufSize?: number;
+  onSourceError?: OnErrorPolicy;
+  onTargetError?: OnErrorPolicy;
+  filterNodeName?: string;
+  copyMode?: CopyMode;
+  /** Discard / unmap zero areas on the target (default true). */
+  unmap?: boolean;
+  autoFinalize?: boolean;
+  autoDismiss?: boolean;
+}
+
+/** Internal: what active commit changes in a mirror. */
+export interface MirrorKind {
+  type: 'mirror' | 'commit';
+  dirtyMode: DirtyInitMode;
+  /** Share everything on the target (it is a backing node in use). */
+  targetShared: number;
+  /** Rewrite backing names in overlays moved onto the target (commit: this name or the target's filename). */
+  backingFile?: string;
+}
+
+/** Checks granularity and buf-size as blockdev_mirror_common / mirror_start_job do; returns granularity. */
+export function checkMirrorSizes(target: BlockNode, granularity: number | undefined, bufSize: number | undefined): number {
+  const g = granularity ?? 0;
+  if (g !== 0 && (g < GRANULARITY_MIN_BYTES || g > GRANULARITY_MAX_BYTES)) {
+    throw new JobError("Parameter 'granularity' expects a value in range [512B, 64MB]");
+  }
+  if (g !== 0 && !isPowerOfTwo(g)) throw new JobError("Parameter 'granularity' expects a power of 2");
+  if (bufSize !== undefined && bufSize < 0) throw new JobError("Invalid parameter 'buf-size'");
+  return g === 0 ? defaultBitmapGranularity(target) : g;
+}
+
+export class Mirror implements JobDriver, MirrorTopHooks {
+  readonly type: 'mirror' | 'commit';
+  job!: Job;
+  filter!: BlockNode;
+  bitmap!: DirtyBitmap;
+  targetEdge: BdrvChild | null = null;
+  readonly ops: InFlightOps;
+  /** Ends the job loop's current wait (waitForWork), if it is waiting. */
+  private wakeLoop: (() => void) | null = null;
+  copyMode: CopyMode;
+  private shouldComplete = false;
+  private drainHeld = false;
+  private exited = false;
+  private failure: BlockError | null = null;
+  private retryDelayDue = false;
+  private cursorBytes = 0;
+  private readonly bufBytes: number;
+  /** Copy buffers, reused from op to op (allocating 1 MiB per op costs zero-fill and GC). */
+  private readonly buffers: CopyBuffers;
+
+  constructor(
+    private readonly graph: BlockGraph,
+    readonly source: BlockNode,
+    readonly target: BlockNode,
+    private readonly opts: MirrorOptions,
+    readonly granularityBytes: number,
+    private readonly kind: MirrorKind,
+  ) {
+    this.type = kind.type;
+    this.copyMode = opts.copyMode ?? 'background';
+    this.bufBytes = Math.max(opts.bufSize || DEFAULT_BUF_BYTES, granularityBytes);
+    this.ops = new InFlightOps(granularityBytes, () => this.wake());
+    // The largest op issueCopy makes: a granule, else up to IO_MAX_BYTES within buf-size.
+    this.buffers = new CopyBuffers(Math.max(granularityBytes, Math.min(IO_MAX_BYTES, this.bufBytes)), IN_FLIGHT_MAX);
+  }
+
+  // ------------------------------------------------------------ set-up
+
+  /** Filter, bitmap, edges, parents moved (mirror_start_job); undone on failure. */
+  async setUp(job: Job): Promise<void> {
+    this.job = job;
+    this.filter = await insertMirrorTop(this.graph, this.source, this.opts.filterNodeName ?? null);
+    try {
+      const resize = this.target.totalBytes < this.source.totalBytes ? Perm.RESIZE : 0;
+      const jobParent = new TransientParent(`block job '${job.id}'`);
+      this.targetEdge = attachChild(jobParent, 'target', 0, this.target, Perm.WRITE | resize, this.kind.targetShared);
+      this.bitmap = createDirtyBitmap(this.filter, this.granularityBytes, null);
+      this.bitmap.disabled = true;
+      setMirrorTopHooks(this.filter, this);
+      await replaceNode(this.source, this.filter);
+    } catch (e) {
+      await this.exit(false);
+      throw e;
+    }
+  }
+
+  // ------------------------------------------------------------ guest writes (filter hooks)
+
+  async write(req: GuestWrite): Promise<void> {
+    const edge = this.targetEdge;
+    if (this.copyMode === 'background' || !edge || req.discard) {
+      try {
+        await req.toSource();
+      } finally {
+        this.markDirty(req.offsetBytes, req.bytes);
+      }
+      return;
+    }
+    const op = await this.ops.claim(req.offsetBytes, req.bytes, true);
+    try {
+      try {
+        await req.toSource();
+      } catch (e) {
+        this.markDirty(req.offsetBytes, req.bytes);
+        throw e;
+      }
+      await this.writeTargetToo(req, edge);
+    } finally {
+      this.ops.end(op);
+    }
+  }
+
+  /** do_sync_target_write: the target gets the same write; whole granules become clean. */
+  private async writeTargetToo(req: GuestWrite, edge: BdrvChild): Promise<void> {
+    try {
+      await req.toEdge(edge);
+    } catch (e) {
+      this.markDirty(req.offsetBytes, req.bytes);
+      this.onError(toBlockError(e), false);
+      return;
+    }
+    const g = this.granularityBytes;
+    const start = Math.ceil(req.offsetBytes / g) * g;
+    const end = Math.min(alignDown(req.offsetBytes + req.bytes, g), this.bitmap.sizeBytes);
+    if (req.offsetBytes + req.bytes >= this.bitmap.sizeBytes) this.bitmap.resetDirty(start, this.bitmap.sizeBytes - start);
+    else if (end > start) this.bitmap.resetDirty(start, end - start);
+  }
+
+  private markDirty(offsetBytes: number, bytes: number): void {
+    if (this.bitmap.sizeBytes !== this.filter.totalBytes) this.bitmap.resize(this.filter.totalBytes);
+    this.bitmap.setDirty(offsetBytes, bytes);
+    this.wake();
+  }
+
+  // ------------------------------------------------------------ run
+
+  async run(job: Job): Promise<void> {
+    await this.growTarget();
+    await dirtyInit(this, this.kind.dirtyMode);
+    if (job.isCancelled()) return;
+    await this.copyLoop(job);
+    await this.ops.waitAll();
+    if (this.failure) throw this.failure;
+    if (this.drainHeld) await flush(this.target);
+  }
+
+  /** A target shorter than the source grows to its length (commit's base; mirror targets). */
+  private async growTarget(): Promise<void> {
+    if (this.target.totalBytes >= this.source.totalBytes) return;
+    await truncate(this.targetEdge!, this.source.totalBytes, false, 'off');
+  }
+
+  private async copyLoop(job: Job): Promise<void> {
+    for (;;) {
+      if (this.failure) return;
+      if (job.isCancelled()) return;
+      const dirty = this.bitmap.dirtyBytes;
+      job.progressSetRemaining(this.ops.copyBytes + dirty + this.ops.activeBytes);
+      if (this.retryDelayDue) {
+        this.retryDelayDue = false;
+        await job.sleep(IGNORE_RETRY_MS);
+      }
+      if (dirty > 0 && this.roomForCopy()) {
+        const issued = await this.issueCopy();
+        if (issued > 0) {
+          await job.rateLimit(issued);
+          continue;
+        }
+      }
+      if (this.finalPhaseDue(dirty)) {
+        await drainedBegin(this.source);
+        this.drainHeld = true;
+        continue;
+      }
+      if (dirty === 0 && this.ops.count === 0) {
+        if (!job.isReady()) job.transitionToReady();
+        if (this.drainHeld) return;
+      }
+      await this.waitForWork();
+      await job.pausePoint();
+    }
+  }
+
+  private roomForCopy(): boolean {
+    return this.ops.copyCount < IN_FLIGHT_MAX && this.ops.copyBytes < this.bufBytes;
+  }
+
+  /** Waits for an op to end, a guest write, a verb, or a poll interval (one waiter at a time: memory stays flat). */
+  private waitForWork(): Promise<void> {
+    return new Promise<void>((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.wakeLoop = null;
+        resolve();
+      };
+      const timer = setTimeout(done, IDLE_POLL_MS);
+      this.wakeLoop = done;
+    });
+  }
+
+  private wake(): void {
+    this.wakeLoop?.();
+  }
+
+  /**
+   * Time to hold guest writes and copy the rest: complete (or a soft
+   * cancel) was asked, the job is READY, and what is left fits in one
+   * buffer, so guests wait for at most buf-size bytes of copying.
+   */
+  private finalPhaseDue(dirtyBytes: number): boolean {
+    if (this.drainHeld || !this.job.isReady()) return false;
+    if (!this.shouldComplete && !this.job.cancelRequested()) return false;
+    return dirtyBytes + this.ops.copyBytes <= this.bufBytes;
+  }
+
+  // ------------------------------------------------------------ copy ops
+
+  /** Claims the next dirty run and starts copying it; returns the bytes claimed (0: none now). */
+  private async issueCopy(): Promise<number> {
+    const g = this.granularityBytes;
+    let start = this.bitmap.nextDirty(this.cursorBytes);
+    if (start < 0) start = this.bitmap.nextDirty(0);
+    if (start < 0) return 0;
+    start = alignDown(start, g);
+    await this.ops.waitConflicts(start, g);
+    // Re-check after the wait: an active write may have claimed the granule since.
+    if (!this.bitmap.isDirty(start) || !this.roomForCopy() || this.ops.conflicting(start, g)) return 0;
+    const maxBytes = Math.max(g, Math.min(IO_MAX_BYTES, this.bufBytes - this.ops.copyBytes));
+    const size = this.bitmap.sizeBytes;
+    // The dirty run from `start`, cut at maxBytes (in whole granules) and before the next op's granules.
+    const limit = Math.min(size, start + Math.max(g, alignDown(maxBytes, g)), this.ops.nextClaimedAfter(start));
+    const clean = this.bitmap.nextClean(start, limit - start);
+    const end = clean < 0 ? limit : clean;
+    this.cursorBytes = end >= size ? 0 : end;
+    const op = this.ops.begin(start, end - start, false);
+    this.bitmap.resetDirty(start, end - start);
+    void this.copyRange(start, end - start).finally(() => this.ops.end(op));
+    return end - start;
+  }
+
+  /** Copies [offset, offset + bytes) piece by piece as block status says; failures go to the policies. */
+  private async copyRange(offsetBytes: number, bytes: number): Promise<void> {
+    const end = offsetBytes + bytes;
+    const buffer = this.buffers.take(bytes);
+    try {
+      for (let at = offsetBytes; at < end; ) {
+        try {
+          const st = await readSide(() => blockStatusAbove(this.source, null, at, end - at));
+          const n = Math.max(1, Math.min(st.pnum, end - at));
+          await this.copyPiece(at, n, st.status, buffer.subarray(at - offsetBytes, at - offsetBytes + n));
+          this.job.progressUpdate(n);
+          at += n;
+        } catch (e) {
+          this.markDirty(at, end - at);
+          const isRead = e instanceof SourceFailure;
+          this.onError(isRead ? e.error : toBlockError(e), isRead);
+          return;
+        }
+      }
+    } finally {
+      this.buffers.give(buffer);
+    }
+  }
+
+  /** One piece of a copy op; `buf` is its slice of the op's buffer (used only for data). */
+  private async copyPiece(offsetBytes: number, bytes: number, status: number, buf: Uint8Array): Promise<void> {
+    const edge = this.targetEdge!;
+    if (status & Status.ZERO) {
+      await pwriteZeroes(edge, offsetBytes, bytes, this.unmap ? Req.MAY_UNMAP : 0);
+    } else if (!(status & Status.DATA) && this.unmap) {
+      await pdiscard(edge, offsetBytes, bytes);
+    } else {
+      await readSide(() => preadv(mirrorTopChild(this.filter), offsetBytes, buf));
+      await pwritev(edge, offsetBytes, buf);
+    }
+  }
+
+  get unmap(): boolean {
+    return this.opts.unmap ?? true;
+  }
+
+  /** A failed request under the source/target policy (mirror_error_action). */
+  private onError(err: BlockError, isRead: boolean): void {
+    const policy = (isRead ? this.opts.onSourceError : this.opts.onTargetError) ?? 'report';
+    const action = this.job.errorAction(err, isRead, policy);
+    if (action === 'report') this.failure ??= err;
+    else if (action === 'ignore') this.retryDelayDue = true;
+    this.wake();
+  }
+
+  // ------------------------------------------------------------ verbs
+
+  complete(): void {
+    this.shouldComplete = true;
+    this.wake();
+  }
+
+  cancel(job: Job, force: boolean): boolean {
+    this.wake();
+    return force || !job.isReady();
+  }
+
+  change(_job: Job, args: Record<string, unknown>): void {
+    const wanted = args['copy-mode'];
+    if (wanted === undefined || wanted === this.copyMode) return;
+    if (wanted !== 'write-blocking') throw new JobError(`Change to copy mode '${String(wanted)}' is not implemented`);
+    if (this.copyMode !== 'background') throw new JobError(`Expected current copy mode 'background', got '${this.copyMode}'`);
+    this.copyMode = 'write-blocking';
+  }
+
+  // ------------------------------------------------------------ exit
+
+  async prepare(): Promise<void> {
+    await this.exit(this.shouldComplete);
+  }
+
+  async abort(): Promise<void> {
+    await this.exit(false);
+  }
+
+  /** mirror_exit_common (see the note at the top). */
+  private async exit(pivot: boolean): Promise<void> {
+    if (this.exited) return;
+    this.exited = true;
+    setMirrorTopHooks(this.filter, null);
+    if (this.bitmap) releaseDirtyBitmap(this.filter, this.bitmap);
+    if (this.targetEdge) detachChild(this.targetEdge);
+    this.targetEdge = null;
+    await drainedBegin(this.target);
+    let moved: BdrvChild[] = [];
+    try {
+      if (pivot) moved = moveParents(this.opts.replaces ?? this.source, this.target);
+      const below = mirrorTopChild(this.filter).node;
+      await drainedBegin(this.filter);
+      try {
+        moved = moved.concat(moveParents(this.filter, below));
+      } finally {
+        drainedEnd(this.filter);
+      }
+    } finally {
+      drainedEnd(this.target);
+      if (this.drainHeld) drainedEnd(this.source);
+      this.drainHeld = false;
+    }
+    await this.graph.closeNode(this.filter);
+    await this.rewriteBackingNames(moved);
+    await this.graph.unref(this.source);
+    await this.graph.unref(this.target);
+  }
+
+  /** Active commit: overlays now backed by the base name it in their header. */
+  private async rewriteBackingNames(moved: BdrvChild[]): Promise<void> {
+    if (this.kind.type !== 'commit') return;
+    const name = this.kind.backingFile ?? this.target.filename;
+    for (const edge of moved) {
+      const parent = edge.parent;
+      if (edge.node !== this.target || !(parent instanceof BlockNode) || parent.cowChild !== edge) continue;
+      await changeBackingFile(parent, name, this.target.driver.name, false);
+    }
+  }
+}
+
+/** A failure on the source side (on-source-error applies). */
+class SourceFailure extends Error {
+  constructor(readonly error: BlockError) {
+    super(error.message);
+  }
+}
+
+async function readSide<T>(fn: () => Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (e) {
+    throw new SourceFailure(toBlockError(e));
+  }
+}
+
+/** Set-up common to mirror and active commit: job, filter, start. */
+export async function startMirrorJob(ctx: MirrorCtx, opts: MirrorOptions, kind: MirrorKind): Promise<Job> {
+  const { source, target } = opts;
+  const granularity = checkMirrorSizes(target, opts.granularity, opts.bufSize);
+  if (source === target) throw new JobError("Can't mirror node into itself");
+  ctx.jobs.checkNewId(opts.jobId);
+  checkNodesFree([source, target]);
+  const mirror = new Mirror(ctx.graph, source, target, opts, granularity, kind);
+  const job = ctx.jobs.create(mirror, {
+    id: opts.jobId,
+    speed: opts.speed,
+    autoFinalize: opts.autoFinalize,
+    autoDismiss: opts.autoDismiss,
+  });
+  claimNodes(job, [source, target]);
+  try {
+    await mirror.setUp(job);
+  } catch (e) {
+    job.earlyFail();
+    throw e;
+  }
+  job.start();
+  return job;
+}
+
+/** blockdev-mirror / drive-mirror (see the note at the top). */
+export function startMirror(ctx: MirrorCtx, opts: MirrorOptions): Promise<Job> {
+  if (opts.speed !== undefined && opts.speed < 0) throw new JobError("Parameter 'speed' expects a non-negative value");
+  const dirtyMode: DirtyInitMode = opts.sync === 'none' ? 'none' : opts.sync === 'top' ? 'top' : 'full';
+  return startMirrorJob(ctx, opts, { type: 'mirror', dirtyMode, targetShared: Perm.WRITE_UNCHANGED });
+}
+
+export { startActiveCommit, type ActiveCommitOptions } from './mirror-commit.js';

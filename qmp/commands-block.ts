@@ -1,0 +1,205 @@
+/*
+ * Block graph commands: blockdev-add, blockdev-del, query-named-block-nodes,
+ * query-block (QEMU 7.2's blockdev.c and block/qapi.c).
+ *
+ * blockdev-add takes a whole BlockdevOptions tree. QMP is typed, so before
+ * the graph opens anything the tree is checked the way QAPI's visitor
+ * would: `driver` present and known ("Parameter 'driver' does not accept
+ * value 'x'"), the common keys of the right JSON type, no key the driver
+ * does not take ("Parameter 'file.bar' is unexpected", with the full
+ * name), nested node definitions checked the same. Then the root must have
+ * a node-name ("'node-name' must be specified for the root node"), and the
+ * graph opens it (its errors are QEMU's: "Could not open 'F': …",
+ * "Duplicate nodes with node-name='a'"). The new node belongs to the
+ * monitor until blockdev-del, which refuses nodes the monitor did not add
+ * and nodes something still uses (an export, a parent node, a job).
+ *
+ * query-named-block-nodes gives each node's BlockDeviceInfo with the keys
+ * qemu-storage-daemon reports (I/O limits are 0: a node itself is never
+ * throttled); without `flat`, `image` carries the backing chain as nested
+ * `backing-image`. query-block lists devices: the daemon has none.
+ */
+import { z } from 'zod';
+import type { BlockGraph } from '../block/graph.js';
+import { queryImageInfo, type ImageInfo } from '../block/info.js';
+import type { OptionTree } from '../block/keyval.js';
+import type { BlockNode } from '../block/node.js';
+import { baseOptionsSchema } from '../block/options.js';
+import { defineCommand, genericError, type QmpCommand } from './command.js';
+import type { Daemon } from './daemon.js';
+import { QapiInputError } from './qapi-errors.js';
+
+/** Keys holding a child node (a node name or a nested definition). */
+const CHILD_KEYS = new Set(['file', 'backing', 'data-file', 'image']);
+const BASE_KEYS = Object.keys(baseOptionsSchema.shape);
+
+/** The common BlockdevOptions keys, typed as QMP sends them. */
+const blockdevBase = z.looseObject({
+  driver: z.string(),
+  'node-name': z.string().optional(),
+  discard: z.enum(['ignore', 'unmap']).optional(),
+  cache: z.strictObject({ direct: z.boolean().optional(), 'no-flush': z.boolean().optional() }).optional(),
+  'read-only': z.boolean().optional(),
+  'auto-read-only': z.boolean().optional(),
+  'force-share': z.boolean().optional(),
+  'detect-zeroes': z.enum(['off', 'on', 'unmap']).optional(),
+});
+
+const blockdevDriver = z.looseObject({ driver: z.string() });
+
+/** QAPI's checks of one (nested) node definition at `prefix`. */
+function checkBlockdevTree(graph: BlockGraph, tree: Record<string, unknown>, prefix: string, typed: boolean): void {
+  const at = (key: string) => `${prefix}${key}`;
+  if (typeof tree.driver !== 'string' && !typed) throw new QapiInputError(`Parameter '${at('driver')}' is missing`);
+  const parsed = (typed ? blockdevBase : blockdevDriver).safeParse(tree, { reportInput: true });
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0]!;
+    const name = at(issue.path.map(String).join('.'));
+    if (issue.code === 'invalid_type' && issue.input === undefined) throw new QapiInputError(`Parameter '${name}' is missing`);
+    if (issue.code === 'invalid_value' && typeof issue.input === 'string') {
+      throw new QapiInputError(`Parameter '${name}' does not accept value '${issue.input}'`);
+    }
+    if (issue.code === 'unrecognized_keys') throw new QapiInputError(`Parameter '${name}.${issue.keys[0]}' is unexpected`);
+    throw new QapiInputError(`Invalid parameter type for '${name}', expected: ${issue.code === 'invalid_type' ? issue.expected : 'string'}`);
+  }
+  const driver = graph.findDriver(parsed.data.driver);
+  if (!driver) throw new QapiInputError(`Parameter '${at('driver')}' does not accept value '${parsed.data.driver}'`);
+  const allowed = new Set([...BASE_KEYS, ...Object.keys(driver.optionsSchema.shape)]);
+  for (const [key, value] of Object.entries(tree)) {
+    if (!allowed.has(key)) throw new QapiInputError(`Parameter '${at(key)}' is unexpected`);
+    if (CHILD_KEYS.has(key) && typeof value === 'object' && value !== null && !Array.isArray(value)) {
+      checkBlockdevTree(graph, value as Record<string, unknown>, `${at(key)}.`, typed);
+    }
+  }
+}
+
+/**
+ * blockdev-add; `typed` false for --blockdev's keyval form, whose values
+ * are strings the graph's option schemas convert.
+ */
+export async function blockdevAdd(d: Daemon, args: Record<string, unknown>, typed = true): Promise<void> {
+  checkBlockdevTree(d.graph, args, '', typed);
+  if (args['node-name'] === undefined) throw genericError("'node-name' must be specified for the root node");
+  const node = await d.graph.openNode(structuredClone(args) as OptionTree);
+  node.userOwned = true;
+  recordOpened(d, node);
+}
+
+/**
+ * Notes the order nodes finished opening (children before their parent),
+ * for query-named-block-nodes: QEMU inserts each node at the head of its
+ * list as it opens, so the newest comes first and a parent before the
+ * children opened with it.
+ */
+function recordOpened(d: Daemon, node: BlockNode): void {
+  if (d.nodeOpenSeq.has(node)) return;
+  for (const edge of node.children) recordOpened(d, edge.node);
+  d.nodeOpenSeq.set(node, ++d.nodeOpenCount);
+}
+
+/** The graph's nodes in QEMU's order: newest first (nodes opened by jobs, not recorded here, count as newest). */
+function namedNodesInOrder(d: Daemon): BlockNode[] {
+  const seq = (n: BlockNode) => d.nodeOpenSeq.get(n) ?? Number.MAX_SAFE_INTEGER;
+  return [...d.graph.nodes.values()].sort((a, b) => seq(b) - seq(a));
+}
+
+/** qmp_blockdev_del's checks, in its order. */
+async function blockdevDel(d: Daemon, nodeName: string): Promise<void> {
+  const node = d.graph.nodes.get(nodeName);
+  if (!node) throw genericError(`Failed to find node with node-name='${nodeName}'`);
+  if (!node.userOwned) throw genericError(`Node ${nodeName} is not owned by the monitor`);
+  if (node.parents.length > 0) throw genericError(`Node ${nodeName} is in use`);
+  node.userOwned = false;
+  await d.graph.closeNode(node);
+}
+
+// ------------------------------------------------------------ query-named-block-nodes
+
+/** bdrv_filter_or_cow_bs: the next node of the chain (a filter's child or the backing file). */
+function chainNext(node: BlockNode): BlockNode | null {
+  return (node.driver.isFilter ? node.filteredChild?.node : node.cowChild?.node) ?? null;
+}
+
+type ImageInfoTree = ImageInfo & { 'backing-image'?: ImageInfoTree };
+
+async function imageInfoChain(node: BlockNode, flat: boolean): Promise<ImageInfoTree> {
+  const info: ImageInfoTree = await queryImageInfo(node);
+  const next = flat ? null : chainNext(node);
+  if (next) info['backing-image'] = await imageInfoChain(next, flat);
+  return info;
+}
+
+function backingDepth(node: BlockNode): number {
+  let depth = 0;
+  for (let n = node.cowChild?.node; n; n = n.cowChild?.node) depth++;
+  return depth;
+}
+
+function dirtyBitmapsInfo(node: BlockNode): Record<string, unknown>[] | undefined {
+  if (node.dirtyBitmaps.length === 0) return undefined;
+  return node.dirtyBitmaps
+    .filter((bm) => bm.name !== null)
+    .map((bm) => ({
+      name: bm.name,
+      recording: bm.recording,
+      persistent: bm.persistent,
+      busy: bm.busy,
+      granularity: bm.granularityBytes,
+      count: bm.dirtyBytes,
+      ...(bm.inconsistent ? { inconsistent: true } : {}),
+    }));
+}
+
+/** bdrv_block_device_info. */
+export async function blockDeviceInfo(node: BlockNode, flat: boolean): Promise<Record<string, unknown>> {
+  const backingFile = node.cowChild?.node.filename;
+  const info: Record<string, unknown> = {
+    file: node.filename,
+    'node-name': node.nodeName,
+    ro: node.readOnly,
+    drv: node.driver.name,
+    ...(backingFile ? { backing_file: backingFile } : {}),
+    backing_file_depth: flat ? 0 : backingDepth(node),
+    encrypted: false,
+    detect_zeroes: node.openFlags.detectZeroes,
+    bps: 0,
+    bps_rd: 0,
+    bps_wr: 0,
+    iops: 0,
+    iops_rd: 0,
+    iops_wr: 0,
+    image: await imageInfoChain(node, flat),
+    cache: { writeback: true, direct: node.openFlags.direct, 'no-flush': node.openFlags.noFlush },
+    write_threshold: 0,
+  };
+  const bitmaps = dirtyBitmapsInfo(node);
+  if (bitmaps) info['dirty-bitmaps'] = bitmaps;
+  return info;
+}
+
+export const blockCommands: QmpCommand<Daemon>[] = [
+  defineCommand({
+    name: 'blockdev-add',
+    args: z.record(z.string(), z.unknown()),
+    run: (d: Daemon, args: Record<string, unknown>) => blockdevAdd(d, args),
+  }),
+  defineCommand({
+    name: 'blockdev-del',
+    args: z.strictObject({ 'node-name': z.string() }),
+    run: (d: Daemon, args: { 'node-name': string }) => blockdevDel(d, args['node-name']),
+  }),
+  defineCommand({
+    name: 'query-named-block-nodes',
+    args: z.strictObject({ flat: z.boolean().optional() }),
+    async run(d: Daemon, args: { flat?: boolean }) {
+      const list = [];
+      for (const node of namedNodesInOrder(d)) list.push(await blockDeviceInfo(node, args.flat ?? false));
+      return list;
+    },
+  }),
+  defineCommand({
+    name: 'query-block',
+    args: z.strictObject({}),
+    run: () => [],
+  }),
+];
