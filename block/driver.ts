@@ -50,6 +50,8 @@ export interface BlockStatusResult {
 export interface DriverInfo {
   clusterBytes?: number;
   isDirty?: boolean;
+  /** Write-zeroes with MAY_UNMAP leaves the range reading as zeroes (bdi.can_write_zeroes_with_unmap). */
+  canWriteZeroesWithUnmap?: boolean;
 }
 
 /** qemu-img info's `format-specific` object. */

@@ -264,9 +264,12 @@ async function driverPwritevCompressed(node: BlockNode, offsetBytes: number, buf
  * deallocated). With NO_FALLBACK the request fails with ENOTSUP, before any
  * I/O, when the node cannot zero natively or the request is not aligned to
  * the node's request alignment (a read-modify-write is no fast zeroing), as
- * QEMU's bdrv_co_pwritev_part does.
+ * QEMU's bdrv_co_pwritev_part does. MAY_UNMAP is dropped unless the node
+ * was opened with discard=unmap (bdrv_co_pwrite_zeroes); `keepMayUnmap`
+ * keeps it, as a BlockBackend's write-zeroes does (blk_co_pwrite_zeroes:
+ * the mirror job's target).
  */
-export async function pwriteZeroes(child: BdrvChild, offsetBytes: number, bytes: number, flags = 0): Promise<void> {
+export async function pwriteZeroes(child: BdrvChild, offsetBytes: number, bytes: number, flags = 0, keepMayUnmap = false): Promise<void> {
   checkWrite(child, offsetBytes, bytes);
   if (bytes === 0) return;
   const node = child.node;
@@ -275,7 +278,7 @@ export async function pwriteZeroes(child: BdrvChild, offsetBytes: number, bytes:
   if (flags & Req.NO_FALLBACK && (!aligned || !(node.supportedZeroFlags & Req.NO_FALLBACK))) {
     throw new BlockError('ENOTSUP', 'Fast write zeroes not supported');
   }
-  if (!node.openFlags.unmap) flags &= ~Req.MAY_UNMAP;
+  if (!node.openFlags.unmap && !keepMayUnmap) flags &= ~Req.MAY_UNMAP;
   flags |= Req.ZERO_WRITE;
   await inRequest(node, offsetBytes, bytes, async (req) => {
     if (aligned) {

@@ -1,13 +1,20 @@
 /*
- * A mirror's initial dirty bitmap (QEMU's mirror_dirty_init), by sync mode:
+ * A mirror's initial dirty bitmap (QEMU's mirror_dirty_init), by mode:
  *   none         nothing: only writes made from now on are copied;
  *   top          what the source itself allocates (the target keeps the
  *                source's backing, which holds the rest);
- *   full         what the whole chain holds: data is dirty; areas that
- *                read as zeroes are dirty only where the target does not
- *                already read zeroes there (QEMU zeroes or marks the whole
- *                target; asking the target's block status instead keeps a
- *                sparse target sparse and the cost proportional to extents);
+ *   full         what the whole chain allocates (zero clusters included),
+ *                as QEMU's sync=full: after the target was zeroed
+ *                (zero_target, see jobs/mirror.ts), or when the caller
+ *                says the target reads as zeroes already (zero_target
+ *                false: drive-mirror's fresh image);
+ *   all          the whole length (zero_target on a target that cannot
+ *                write zeroes with unmap: everything is copied);
+ *   full-sparse  the library's default for sync=full when the caller did
+ *                not say (zeroTarget undefined): data is dirty; areas
+ *                that read as zeroes are dirty only where the target does
+ *                not already read zeroes there, so the target ends equal
+ *                to the source whatever it held, and stays sparse;
  *   above-target active commit: what the layers above the target (the
  *                base) allocate.
  * Walks are by block status, so a sparse multi-TiB source costs its
@@ -21,7 +28,7 @@ import type { BlockNode } from '../block/node.js';
 import type { DirtyBitmap } from '../block/dirty-bitmap.js';
 import type { Job } from './job.js';
 
-export type DirtyInitMode = 'none' | 'top' | 'full' | 'above-target';
+export type DirtyInitMode = 'none' | 'top' | 'full' | 'all' | 'full-sparse' | 'above-target';
 
 /** Extents walked between two pause points. */
 const YIELD_EVERY_EXTENTS = 64;
@@ -35,12 +42,16 @@ export interface DirtyInitSubject {
 
 export async function dirtyInit(m: DirtyInitSubject, mode: DirtyInitMode): Promise<void> {
   if (mode === 'none') return;
+  if (mode === 'all') {
+    m.bitmap.setDirty(0, m.source.totalBytes);
+    return;
+  }
   const base = mode === 'top' ? backingChainNext(m.source) : mode === 'above-target' ? m.target : null;
   let extents = 0;
   for (let at = 0; at < m.source.totalBytes; ) {
     const st = await blockStatusAbove(m.source, base, at, m.source.totalBytes - at);
     const n = Math.max(1, st.pnum);
-    if (mode !== 'full') {
+    if (mode !== 'full-sparse') {
       if (st.depth > 0) m.bitmap.setDirty(at, n);
     } else {
       const readsZero = (st.status & Status.ZERO) !== 0 || (st.depth === 0 && !(st.status & Status.DATA));

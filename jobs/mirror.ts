@@ -27,12 +27,21 @@
  *                   as in background mode (the range is copied later).
  * `change({copy-mode})` switches background → write-blocking at run time.
  *
- * run(): initial dirtying by sync mode (mirror-dirty.ts; its cost grows
- * with the allocated data, not the virtual size), then the copy loop: up
+ * run(): with zero_target (sync=full; the QMP layer decides as QEMU's
+ * blockdev.c: always for blockdev-mirror, for drive-mirror when the target
+ * existed or has no zero init), a target that can write zeroes with unmap
+ * (qcow2 v3 opened with discard=unmap, no backing) is zeroed first in
+ * requests of ZERO_REQUEST_MAX_BYTES that count no progress, then what the
+ * source's chain allocates is dirty; any other target gets the whole
+ * length dirty (copied: zero areas as write-zeroes). Then initial dirtying
+ * by mode (mirror-dirty.ts; its cost grows with the allocated data, not
+ * the virtual size), then the copy loop: up
  * to IN_FLIGHT_MAX ops of at most IO_MAX_BYTES, buf-size bytes in all,
  * each claiming its range and clearing its granules before reading (a
  * write landing meanwhile dirties them again), choosing by block status
- * through the source's chain: zero → write zeroes (MAY_UNMAP with unmap),
+ * through the source's chain: zero → write zeroes (MAY_UNMAP with unmap,
+ * kept whatever the target's discard option: QEMU's job writes through a
+ * BlockBackend, whose write-zeroes does not drop it),
  * no data → discard (or zeroes), else read + write into a buffer reused
  * from op to op (CopyBuffers: a fresh 1 MiB per op cost zero-filling and
  * garbage collection, a quarter of the job's time). Progress: total =
@@ -62,7 +71,9 @@
  *
  * Left out: `replaces` checks at complete time, BLOCK_JOB's
  * `actively-synced` (8.2; QEMU 7.2 does not report it), restoring a
- * commit base to read-only afterwards, target cluster alignment of copy ops.
+ * commit base to read-only afterwards, target cluster alignment of copy ops;
+ * the initial zeroing runs one request at a time (QEMU keeps up to
+ * MAX_IN_FLIGHT of them in flight).
  */
 import { BlockError, toBlockError } from '../block/errors.js';
 import { Perm, Req, Status, alignDown, isPowerOfTwo } from '../block/flags.js';
@@ -85,6 +96,8 @@ import { dirtyInit, type DirtyInitMode } from './mirror-dirty.js';
 export const IO_MAX_BYTES = 1 << 20;
 /** Copy ops in flight at once (MAX_IN_FLIGHT). */
 export const IN_FLIGHT_MAX = 16;
+/** Largest write-zeroes of the initial zeroing (QEMU: INT_MAX aligned down to the granularity). */
+const ZERO_REQUEST_MAX_BYTES = 0x7fffffff;
 /** Default buf-size (DEFAULT_MIRROR_BUF_SIZE). */
 export const DEFAULT_BUF_BYTES = IN_FLIGHT_MAX * IO_MAX_BYTES;
 /** Granularity bounds (blockdev_mirror_common). */
@@ -119,6 +132,12 @@ export interface MirrorOptions {
   onTargetError?: OnErrorPolicy;
   filterNodeName?: string;
   copyMode?: CopyMode;
+  /**
+   * sync=full only: true zeroes the target first (or copies everything),
+   * false trusts it to read as zeroes (QEMU's zero_target); absent: zero
+   * areas are written only where the target does not read zeroes.
+   */
+  zeroTarget?: boolean;
   /** Discard / unmap zero areas on the target (default true). */
   unmap?: boolean;
   autoFinalize?: boolean;
@@ -254,12 +273,43 @@ export class Mirror implements JobDriver, MirrorTopHooks {
 
   async run(job: Job): Promise<void> {
     await this.growTarget();
-    await dirtyInit(this, this.kind.dirtyMode);
+    await dirtyInit(this, await this.initialDirtyMode(job));
     if (job.isCancelled()) return;
     await this.copyLoop(job);
     await this.ops.waitAll();
     if (this.failure) throw this.failure;
     if (this.drainHeld) await flush(this.target);
+  }
+
+  /** zero_target's part of mirror_dirty_init (see the note at the top); the mode left for dirtyInit. */
+  private async initialDirtyMode(job: Job): Promise<DirtyInitMode> {
+    const mode = this.kind.dirtyMode;
+    if (mode !== 'full') return mode;
+    if (this.opts.zeroTarget === undefined) return 'full-sparse';
+    if (!this.opts.zeroTarget) return 'full';
+    if (!canWriteZeroesWithUnmap(this.target)) return 'all';
+    await this.zeroWholeTarget(job);
+    return 'full';
+  }
+
+  /** Write-zeroes over the whole length, counting no progress; a failure dirties its range. */
+  private async zeroWholeTarget(job: Job): Promise<void> {
+    const lengthBytes = this.source.totalBytes;
+    const chunkBytes = alignDown(ZERO_REQUEST_MAX_BYTES, this.granularityBytes);
+    for (let at = 0; at < lengthBytes && !job.isCancelled(); ) {
+      const n = Math.min(chunkBytes, lengthBytes - at);
+      const op = await this.ops.claim(at, n, false);
+      try {
+        await pwriteZeroes(this.targetEdge!, at, n, this.unmap ? Req.MAY_UNMAP : 0, true);
+      } catch (e) {
+        this.markDirty(at, n);
+        this.onError(toBlockError(e), false);
+      } finally {
+        this.ops.end(op);
+      }
+      at += n;
+      await job.pausePoint();
+    }
   }
 
   /** A target shorter than the source grows to its length (commit's base; mirror targets). */
@@ -384,7 +434,7 @@ export class Mirror implements JobDriver, MirrorTopHooks {
   private async copyPiece(offsetBytes: number, bytes: number, status: number, buf: Uint8Array): Promise<void> {
     const edge = this.targetEdge!;
     if (status & Status.ZERO) {
-      await pwriteZeroes(edge, offsetBytes, bytes, this.unmap ? Req.MAY_UNMAP : 0);
+      await pwriteZeroes(edge, offsetBytes, bytes, this.unmap ? Req.MAY_UNMAP : 0, true);
     } else if (!(status & Status.DATA) && this.unmap) {
       await pdiscard(edge, offsetBytes, bytes);
     } else {
@@ -476,6 +526,12 @@ export class Mirror implements JobDriver, MirrorTopHooks {
       await changeBackingFile(parent, name, this.target.driver.name, false);
     }
   }
+}
+
+/** bdrv_can_write_zeroes_with_unmap: no backing, opened with discard=unmap, and the driver says so. */
+function canWriteZeroesWithUnmap(node: BlockNode): boolean {
+  if (node.cowChild || !node.openFlags.unmap) return false;
+  return node.driver.getInfo(node)?.canWriteZeroesWithUnmap === true;
 }
 
 /** A failure on the source side (on-source-error applies). */

@@ -22,6 +22,12 @@
  * requires it. The job holds the target; once the job is gone nothing
  * else does and it closes, unless the pivot made it the users' node.
  *
+ * zero_target (jobs/mirror.ts zeroTarget): blockdev-mirror sets it for
+ * sync full as asked (a top without backing, run as full, does not);
+ * drive-mirror for sync full (after that same change) when the target
+ * existed (mode existing) or its format has no zero init. blockdev-mirror
+ * always unmaps; drive-mirror takes `unmap` (default true).
+ *
  * Left out: target-is-zero (10.1), `replaces` size checks.
  */
 import { z } from 'zod';
@@ -66,7 +72,7 @@ const driveMirrorArgs = z.strictObject({
   unmap: z.boolean().optional(),
 });
 
-type CommonArgs = z.infer<typeof blockdevMirrorArgs> & { unmap?: boolean };
+type CommonArgs = z.infer<typeof blockdevMirrorArgs> & { unmap?: boolean; zeroTarget: boolean };
 
 /** blockdev_mirror_common's checks, then the job. */
 async function startCheckedMirror(ctx: MirrorCommandContext, a: CommonArgs, source: BlockNode, target: BlockNode): Promise<void> {
@@ -90,6 +96,7 @@ async function startCheckedMirror(ctx: MirrorCommandContext, a: CommonArgs, sour
     filterNodeName: a['filter-node-name'],
     copyMode: a['copy-mode'] as CopyMode | undefined,
     unmap: a.unmap,
+    zeroTarget: a.zeroTarget,
     autoFinalize: a['auto-finalize'],
     autoDismiss: a['auto-dismiss'],
   });
@@ -138,7 +145,7 @@ export const mirrorCommands: QmpCommand<MirrorCommandContext>[] = [
       asQmp(async () => {
         const bs = ctx.graph.node(a.device);
         const target = ctx.graph.node(a.target);
-        await startCheckedMirror(ctx, a, bs, target);
+        await startCheckedMirror(ctx, { ...a, zeroTarget: a.sync === 'full' }, bs, target);
         return {};
       }),
   }),
@@ -150,7 +157,9 @@ export const mirrorCommands: QmpCommand<MirrorCommandContext>[] = [
         const bs = rootNode(ctx, a.device);
         const target = await driveMirrorTarget(ctx, a, bs);
         try {
-          await startCheckedMirror(ctx, { ...a, sync: a.sync === 'top' && !backingChainNext(bs) ? 'full' : a.sync }, bs, target);
+          const sync = a.sync === 'top' && !backingChainNext(bs) ? 'full' : a.sync;
+          const zeroTarget = sync === 'full' && (a.mode === 'existing' || !target.driver.hasZeroInit(target));
+          await startCheckedMirror(ctx, { ...a, sync, zeroTarget }, bs, target);
         } catch (e) {
           await ctx.graph.unref(target);
           throw e;

@@ -61,6 +61,7 @@ function getInfo(node: BlockNode): DriverInfo & DriverBackingInfo {
   return {
     clusterBytes: s.clusterBytes,
     isDirty: (h.incompatibleFeatures & Incompat.DIRTY) !== 0n,
+    canWriteZeroesWithUnmap: h.version >= Qcow2Version.V3,
     backingFile: s.image.backingName ?? undefined,
     backingFormat: s.image.extensions.backingFormat ?? undefined,
   };
