@@ -30,9 +30,9 @@
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
+import { connectQmp } from '../scripts/qmp.mjs';
 import { ROOT, runSides, scratch } from './lib.mjs';
 
 const { values } = parseArgs({
@@ -52,7 +52,6 @@ const SIDES = values.sides.split(',');
 const QMP_TIMEOUT_MS = 30_000;
 const JOB_TIMEOUT_MS = 600_000;
 const STOP_TIMEOUT_MS = 10_000;
-const POLL_MS = 20;
 
 const dir = scratch();
 const pristine = path.join(dir, 'pristine.qcow2');
@@ -79,73 +78,6 @@ function makePristine() {
   fs.closeSync(fd);
   execFileSync('qemu-img', ['convert', '-n', '-f', 'raw', '-O', 'qcow2', raw, pristine]);
   fs.rmSync(raw);
-}
-
-// ---------------------------------------------------------------- QMP
-
-class Qmp {
-  constructor(socket) {
-    this.socket = socket;
-    this.buffer = '';
-    this.waiters = [];
-    this.events = [];
-    socket.setEncoding('utf8');
-    socket.on('data', (d) => this.receive(d));
-  }
-
-  static async connect(file) {
-    const deadline = Date.now() + QMP_TIMEOUT_MS;
-    for (;;) {
-      try {
-        const socket = await new Promise((resolve, reject) => {
-          const s = net.connect(file, () => resolve(s));
-          s.once('error', reject);
-        });
-        const qmp = new Qmp(socket);
-        await qmp.next((m) => m.QMP !== undefined);
-        await qmp.execute('qmp_capabilities');
-        return qmp;
-      } catch (e) {
-        if (Date.now() > deadline) throw e;
-        await new Promise((r) => setTimeout(r, POLL_MS));
-      }
-    }
-  }
-
-  receive(data) {
-    this.buffer += data;
-    let nl;
-    while ((nl = this.buffer.indexOf('\n')) >= 0) {
-      const line = this.buffer.slice(0, nl).trim();
-      this.buffer = this.buffer.slice(nl + 1);
-      if (!line) continue;
-      const msg = JSON.parse(line);
-      if (msg.event) this.events.push(msg);
-      const i = this.waiters.findIndex((w) => w.match(msg));
-      if (i >= 0) this.waiters.splice(i, 1)[0].resolve(msg);
-    }
-  }
-
-  next(match, timeoutMs = QMP_TIMEOUT_MS) {
-    return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error('QMP: no answer in time')), timeoutMs);
-      this.waiters.push({ match, resolve: (m) => (clearTimeout(timer), resolve(m)) });
-    });
-  }
-
-  async execute(command, args) {
-    const answer = this.next((m) => m.return !== undefined || m.error !== undefined);
-    this.socket.write(JSON.stringify(args ? { execute: command, arguments: args } : { execute: command }) + '\n');
-    const m = await answer;
-    if (m.error) throw new Error(`${command}: ${m.error.desc}`);
-    return m.return;
-  }
-
-  /** Resolves with the first event named `name` (already received or to come). */
-  event(name, timeoutMs) {
-    const seen = this.events.find((e) => e.event === name);
-    return seen ? Promise.resolve(seen) : this.next((m) => m.event === name, timeoutMs);
-  }
 }
 
 // ---------------------------------------------------------------- writer
@@ -229,7 +161,7 @@ async function mirrorOnce(side, withWriter, round) {
   });
   const exited = new Promise((resolve) => child.once('exit', resolve));
   try {
-    const qmp = await Qmp.connect(qmpSock);
+    const qmp = await connectQmp(qmpSock, { timeoutMs: QMP_TIMEOUT_MS });
     await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'src', file: { driver: 'file', filename: src } });
     await qmp.execute('blockdev-add', { driver: 'qcow2', 'node-name': 'tgt', file: { driver: 'file', filename: tgt } });
     let stopWriter = null;
@@ -241,10 +173,11 @@ async function mirrorOnce(side, withWriter, round) {
     const cpu0 = cpuSeconds(child.pid);
     const t0 = performance.now();
     await qmp.execute('blockdev-mirror', { 'job-id': 'm', device: 'src', target: 'tgt', sync: 'full' });
-    await qmp.event('BLOCK_JOB_READY', JOB_TIMEOUT_MS);
+    if (!(await qmp.event('BLOCK_JOB_READY', JOB_TIMEOUT_MS))) throw new Error(`${side}: no BLOCK_JOB_READY`);
     const tReady = performance.now();
     await qmp.execute('job-complete', { id: 'm' });
     const done = await qmp.event('BLOCK_JOB_COMPLETED', JOB_TIMEOUT_MS);
+    if (!done) throw new Error(`${side}: no BLOCK_JOB_COMPLETED`);
     const seconds = (performance.now() - t0) / 1000;
     if (process.env.MIRROR_BENCH_PHASES) {
       console.error(phasesLine(`${side}${withWriter ? ' writer' : ''}`, (tReady - t0) / 1000, seconds, cpu0, cpuSeconds(child.pid)));

@@ -25,7 +25,7 @@
  *                   dirties the range (and asks the error policy). A
  *                   discard leaves undefined content, so it is handled
  *                   as in background mode (the range is copied later).
- * `change({copy-mode})` switches background → write-blocking at run time.
+ * `change({copy-mode})` switches between the two modes at run time.
  *
  * run(): with zero_target (sync=full; the QMP layer decides as QEMU's
  * blockdev.c: always for blockdev-mirror, for drive-mirror when the target
@@ -468,12 +468,17 @@ export class Mirror implements JobDriver, MirrorTopHooks {
     return force || !job.isReady();
   }
 
+  /**
+   * block-job-change {copy-mode}: each guest write looks at the mode when it
+   * starts, so a switch takes effect with the next write either way. QEMU
+   * (8.2+) only goes background → write-blocking; going back is ours: the
+   * writes after it are copied later, as in any background mirror.
+   */
   change(_job: Job, args: Record<string, unknown>): void {
     const wanted = args['copy-mode'];
-    if (wanted === undefined || wanted === this.copyMode) return;
-    if (wanted !== 'write-blocking') throw new JobError(`Change to copy mode '${String(wanted)}' is not implemented`);
-    if (this.copyMode !== 'background') throw new JobError(`Expected current copy mode 'background', got '${this.copyMode}'`);
-    this.copyMode = 'write-blocking';
+    if (wanted === undefined) return;
+    if (wanted !== 'background' && wanted !== 'write-blocking') throw new JobError(`Invalid copy mode '${String(wanted)}'`);
+    this.copyMode = wanted;
   }
 
   // ------------------------------------------------------------ exit

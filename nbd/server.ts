@@ -30,7 +30,8 @@
  */
 import fs from 'node:fs';
 import net from 'node:net';
-import { BlockError } from '../block/errors.js';
+import path from 'node:path';
+import { BlockError, isErrnoCode, strerror } from '../block/errors.js';
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
 import { BufferPool } from './buffer-pool.js';
@@ -255,4 +256,15 @@ function closeListener(server: net.Server, unixPath?: string): Promise<void> {
       resolve();
     });
   });
+}
+
+/** QEMU's socket_listen messages for a listen that failed. */
+export function listenFailure(addr: NbdAddress, e: unknown): string {
+  let code = (e as NodeJS.ErrnoException).code;
+  // Node reports a unix socket in a missing directory as EACCES; bind(2) says ENOENT.
+  if (addr.type === 'unix' && code === 'EACCES' && !fs.existsSync(path.dirname(addr.path))) code = 'ENOENT';
+  const reason = isErrnoCode(code) ? strerror(code) : (e as Error).message;
+  if (addr.type === 'unix') return `Failed to bind socket to ${addr.path}: ${reason}`;
+  if (code === 'EADDRINUSE') return `Failed to find an available port: ${reason}`;
+  return `Failed to bind socket: ${reason}`;
 }

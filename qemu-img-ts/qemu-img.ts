@@ -35,7 +35,7 @@ import { GetoptLong } from './img/getopt.js';
 import { infoCommand } from './img/info.js';
 import { mapCommand } from './img/map.js';
 import { measureCommand } from './img/measure.js';
-import { ObjectRegistry } from './img/objects.js';
+import { ObjectRegistry } from '../block/objects.js';
 import { snapshotCommand } from './img/snapshot.js';
 import { rebaseCommand } from './img/rebase.js';
 import { resizeCommand } from './img/resize.js';

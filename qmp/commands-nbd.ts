@@ -25,7 +25,7 @@ import { NbdExport, type NbdExportOptions } from '../nbd/export.js';
 import { NbdServer, type NbdAddress } from '../nbd/server.js';
 import { resolveTlsCreds } from '../nbd/tls-objects.js';
 import { serverTls } from '../nbd/tls-server.js';
-import { listenFailure } from '../qemu-img-ts/nbd/serve.js';
+import { listenFailure } from '../nbd/server.js';
 import { defineCommand, genericError, type QmpCommand } from './command.js';
 import type { BlockExportState, Daemon } from './daemon.js';
 

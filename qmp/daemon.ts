@@ -29,7 +29,7 @@ import { JobRegistry } from '../jobs/registry.js';
 import type { NbdExport } from '../nbd/export.js';
 import { NbdServer } from '../nbd/server.js';
 import { createTlsObject, isTlsObjectType, type ObjectLookup, type TlsObject } from '../nbd/tls-objects.js';
-import { ObjectRegistry } from '../qemu-img-ts/img/objects.js';
+import { ObjectRegistry } from '../block/objects.js';
 import type { QValue } from '../block/qjson.js';
 import { allCommands } from './commands-all.js';
 import { Dispatcher } from './dispatch.js';

@@ -13,7 +13,7 @@ import { Command, Option } from 'commander';
 import type { BlockGraph } from '../../block/graph.js';
 import { parseSizeBig } from '../../block/units.js';
 import { CliError, CliExit, usageError } from '../cli-common.js';
-import type { ObjectRegistry } from './objects.js';
+import type { ObjectRegistry } from '../../block/objects.js';
 import { GetoptLong, type ParsedOption } from './getopt.js';
 
 /** QEMU's tools print their own name, whatever argv[0] is (see the reference, §0). */

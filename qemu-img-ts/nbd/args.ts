@@ -22,7 +22,7 @@ import { createTlsObject, isTlsObjectType, resolveTlsCreds, type ObjectLookup, t
 import { CliError, CliExit } from '../cli-common.js';
 import { GetoptLong } from '../img/getopt.js';
 import { snapshotParam } from '../img/measure.js';
-import { ObjectRegistry } from '../img/objects.js';
+import { ObjectRegistry } from '../../block/objects.js';
 import { applyAioMode, applyCacheMode, applyDiscardMode, defaultOpenSettings, type OpenSettings } from '../io/open.js';
 import type { SnapshotRef } from '../../block/snapshot-tmp.js';
 

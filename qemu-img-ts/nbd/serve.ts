@@ -24,14 +24,14 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { OptionTree } from '../../block/keyval.js';
-import { BlockError, isErrnoCode, strerror } from '../../block/errors.js';
+import { BlockError } from '../../block/errors.js';
 import { BlockGraph } from '../../block/graph.js';
 import { parseKeyval } from '../../block/keyval.js';
 import type { BlockNode } from '../../block/node.js';
 import { loadSnapshotTmp } from '../../block/snapshot-tmp.js';
 import { builtinDrivers } from '../../drivers/index.js';
 import type { NbdExportOptions } from '../../nbd/export.js';
-import { NbdServer, type NbdAddress } from '../../nbd/server.js';
+import { NbdServer, listenFailure, type NbdAddress } from '../../nbd/server.js';
 import type { NbdServerTls } from '../../nbd/tls.js';
 import { CliError, warningText, type Output } from '../cli-common.js';
 import { PROG, type NbdCliConfig } from './args.js';
@@ -143,17 +143,6 @@ async function listen(server: NbdServer, c: NbdCliConfig): Promise<void> {
   } catch (e) {
     throw new CliError(listenFailure(addr, e));
   }
-}
-
-/** QEMU's socket_listen messages for a listen that failed. */
-export function listenFailure(addr: NbdAddress, e: unknown): string {
-  let code = (e as NodeJS.ErrnoException).code;
-  // Node reports a unix socket in a missing directory as EACCES; bind(2) says ENOENT.
-  if (addr.type === 'unix' && code === 'EACCES' && !fs.existsSync(path.dirname(addr.path))) code = 'ENOENT';
-  const reason = isErrnoCode(code) ? strerror(code) : (e as Error).message;
-  if (addr.type === 'unix') return `Failed to bind socket to ${addr.path}: ${reason}`;
-  if (code === 'EADDRINUSE') return `Failed to find an available port: ${reason}`;
-  return `Failed to bind socket: ${reason}`;
 }
 
 /** qemu_write_pidfile: the pid and a newline. */

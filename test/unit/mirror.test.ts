@@ -203,17 +203,25 @@ describe('mirror copy modes', () => {
     expect(same(src, tgt)).toBe(true);
   });
 
-  it('block-job-change switches background to write-blocking, never back', async () => {
+  it('block-job-change switches background to write-blocking and back', async () => {
     const { w, src, tgt, blk } = await world();
     const job = await mirror(w, src, tgt);
     await w.waitEvent('BLOCK_JOB_READY');
+    // Paused (standby), the copy loop stands still: only write-blocking writes reach the target.
+    job.pause();
+    await w.waitEvent('JOB_STATUS_CHANGE', 'standby');
     job.change({ 'copy-mode': 'write-blocking' });
     job.change({ 'copy-mode': 'write-blocking' });
-    expect(() => job.change({ 'copy-mode': 'background' })).toThrow("Change to copy mode 'background' is not implemented");
     await blk.pwrite(3 * MiB + 4096, pattern(4096, 5));
     expect(memOf(tgt).data[3 * MiB + 4096]).toBe(pattern(1, 5)[0]);
+    job.change({ 'copy-mode': 'background' });
+    await blk.pwrite(2 * MiB, pattern(4096, 6));
+    expect(memOf(tgt).data[2 * MiB]).not.toBe(pattern(1, 6)[0]);
+    expect(() => job.change({ 'copy-mode': 'sideways' })).toThrow("Invalid copy mode 'sideways'");
+    job.resume();
     job.complete();
     await finished(job);
+    expect(same(src, tgt)).toBe(true);
   });
 });
 

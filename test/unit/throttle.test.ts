@@ -17,7 +17,7 @@ import { throttleConfigFromProps } from '../../block/throttle-object.js';
 import { throttleCommands, type ThrottleCommandContext } from '../../qmp/commands-throttle.js';
 import { QmpError } from '../../qmp/command.js';
 import { testGraph } from '../helpers/graphs.js';
-import { ObjectRegistry } from '../../qemu-img-ts/img/objects.js';
+import { ObjectRegistry } from '../../block/objects.js';
 
 const cfgOf = (limits: ThrottleLimits) => limitsToConfig(limits);
 const reasonOf = (limits: ThrottleLimits) => {

@@ -9,14 +9,15 @@
  * identifier; a property the type does not have; an id used twice; then the
  * type's own completion check (a secret needs `data` or `file`).
  *
- * Objects are recorded, not instantiated: nothing here reads a secret's
- * file or sets up TLS credentials. Property checks exist for `secret` and
- * `secret_keyring`; the other types are accepted as declared until the
- * commands that use them arrive.
+ * Objects are recorded here, not instantiated: the users instantiate the
+ * ones they need (nbd/tls-objects.ts for TLS credentials and authz,
+ * block/throttle-group.ts for throttle groups). Property checks exist for
+ * `secret`, `secret_keyring` and `throttle-group`. Shared by qemu-img-ts,
+ * qemu-nbd-ts and the daemon (`--object`, object-add), hence in block/.
  */
-import { BlockError } from '../../block/errors.js';
-import { parseKeyval, type OptionTree } from '../../block/keyval.js';
-import { throttleConfigFromProps } from '../../block/throttle-object.js';
+import { BlockError } from './errors.js';
+import { parseKeyval, type OptionTree } from './keyval.js';
+import { throttleConfigFromProps } from './throttle-object.js';
 
 /** The user-creatable types of qemu-img 7.2, in its `--object help` order. */
 const QOM_TYPES = [
