@@ -44,6 +44,12 @@ const enum Run {
   BACKING,
 }
 
+/** Part of a claimed run after zero detection: written as data, zeroed (unless the target reads zeroes) or left to the backing file. */
+interface Piece {
+  sectors: number;
+  kind: 'data' | 'zero' | 'leave';
+}
+
 export interface ConvertSource {
   /** Reads go through this edge (a backend's root or a child). */
   child: BdrvChild;
@@ -261,8 +267,10 @@ class ConvertState {
         data.fill(0);
         status = Run.DATA;
       }
+      // The zero scan runs before this worker's turn, off the in-order writes' critical path.
+      const pieces = this.failure === null ? this.split(sector, n, data, status) : [];
       if (!this.plan.outOfOrder) await this.waitTurn(sector);
-      if (this.failure === null) await this.guard(() => this.write(sector, n, data, status));
+      if (this.failure === null) await this.guard(() => this.write(sector, data, pieces));
       if (!this.plan.outOfOrder) this.passTurn(sector + n);
     }
   }
@@ -335,36 +343,31 @@ class ConvertState {
     }
   }
 
-  /** convert_co_write: one claimed run, split by zero detection. */
-  private async write(sector: number, n: number, data: Uint8Array, status: Run): Promise<void> {
+  /** convert_co_write's zero detection: one claimed run as pieces to write, zero or leave. */
+  private split(sector: number, n: number, data: Uint8Array, status: Run): Piece[] {
+    if (status !== Run.DATA) return [{ sectors: n, kind: status === Run.BACKING ? 'leave' : 'zero' }];
+    const plan = this.plan;
+    if (plan.minSparseSectors === 0) return [{ sectors: n, kind: 'data' }];
+    if (plan.compressed) return [{ sectors: n, kind: isZeroRange(data, 0, n * SECTOR_BYTES) ? 'zero' : 'data' }];
+    const pieces: Piece[] = [];
     for (let done = 0; done < n; ) {
-      const here = sector + done;
       const rest = data.subarray(done * SECTOR_BYTES, n * SECTOR_BYTES);
-      const count = await this.writePart(here, n - done, rest, status);
+      const { data: isData, count } = allocatedSectorsMin(rest, n - done, sector + done, plan.minSparseSectors, plan.alignmentSectors);
+      pieces.push({ sectors: count, kind: isData ? 'data' : 'zero' });
       done += count;
     }
+    return pieces;
   }
 
-  /** Writes the start of `rest` (n sectors from `sector`); returns the sectors handled. */
-  private async writePart(sector: number, n: number, rest: Uint8Array, status: Run): Promise<number> {
-    const plan = this.plan;
-    if (status === Run.BACKING) return n;
-    if (status === Run.DATA) {
-      let count = n;
-      let data = plan.minSparseSectors === 0;
-      if (!data && !plan.compressed) {
-        ({ data, count } = allocatedSectorsMin(rest, n, sector, plan.minSparseSectors, plan.alignmentSectors));
-      } else if (!data) {
-        data = !isZeroRange(rest, 0, n * SECTOR_BYTES);
-      }
-      if (data) {
-        await this.targetWrite(sector, rest.subarray(0, count * SECTOR_BYTES));
-        return count;
-      }
-      n = count;
+  /** convert_co_write: the pieces of one claimed run from `sector`, in order. */
+  private async write(sector: number, data: Uint8Array, pieces: Piece[]): Promise<void> {
+    let done = 0;
+    for (const { sectors, kind } of pieces) {
+      const at = sector + done;
+      if (kind === 'data') await this.targetWrite(at, data.subarray(done * SECTOR_BYTES, (done + sectors) * SECTOR_BYTES));
+      else if (kind === 'zero' && !this.plan.hasZeroInit) await this.targetZero(at, sectors);
+      done += sectors;
     }
-    if (!plan.hasZeroInit) await this.targetZero(sector, n);
-    return n;
   }
 
   private async targetWrite(sector: number, data: Uint8Array): Promise<void> {

@@ -26,7 +26,7 @@
  * holds exactly the Map's keys. Bit indices are integers below 2^53, so
  * chunk arithmetic uses division, never 32-bit shifts, above the chunk.
  */
-import assert from 'node:assert/strict';
+import { invariant } from './errors.js';
 
 /** log2 of the bits in one chunk. */
 const CHUNK_SHIFT = 15;
@@ -88,7 +88,7 @@ export class SparseBits {
   private setBits = 0;
 
   constructor(private sizeBitsValue: number) {
-    assert(Number.isSafeInteger(sizeBitsValue) && sizeBitsValue >= 0);
+    invariant(Number.isSafeInteger(sizeBitsValue) && sizeBitsValue >= 0);
   }
 
   get sizeBits(): number {
@@ -185,7 +185,7 @@ export class SparseBits {
 
   /** Changes the size; bits at or beyond a smaller size are cleared, a larger size adds clear bits. */
   resize(sizeBits: number): void {
-    assert(Number.isSafeInteger(sizeBits) && sizeBits >= 0);
+    invariant(Number.isSafeInteger(sizeBits) && sizeBits >= 0);
     if (sizeBits < this.sizeBitsValue) this.resetRange(sizeBits, this.sizeBitsValue);
     this.sizeBitsValue = sizeBits;
   }
@@ -220,7 +220,7 @@ export class SparseBits {
    * into `out` (first must be a multiple of 8; out is zero-filled first).
    */
   readBytes(first: number, bitCount: number, out: Uint8Array): void {
-    assert(first % 8 === 0 && out.length >= Math.ceil(bitCount / 8));
+    invariant(first % 8 === 0 && out.length >= Math.ceil(bitCount / 8));
     out.fill(0);
     const end = first + bitCount;
     for (let i = this.lowerBound(Math.floor(first / CHUNK_BITS)); i < this.keys.length; i++) {
@@ -241,7 +241,7 @@ export class SparseBits {
 
   /** Sets the bits of [first, first + bitCount) that are set in the little-endian bit stream `data`. */
   orBytes(first: number, bitCount: number, data: Uint8Array): void {
-    assert(first % 8 === 0 && data.length >= Math.ceil(bitCount / 8));
+    invariant(first % 8 === 0 && data.length >= Math.ceil(bitCount / 8));
     const end = Math.min(first + bitCount, this.sizeBitsValue);
     for (let b = first; b < end; ) {
       const c = Math.floor(b / CHUNK_BITS);

@@ -27,8 +27,7 @@
  * The dirty count is QEMU's: dirty granules times the granularity (it may
  * pass the node's length by less than a granule at the end).
  */
-import assert from 'node:assert/strict';
-import { BlockError } from './errors.js';
+import { BlockError, invariant } from './errors.js';
 import { isPowerOfTwo } from './flags.js';
 import type { BlockNode } from './node.js';
 import { SparseBits } from './dirty-bitmap-bits.js';
@@ -63,8 +62,8 @@ export class DirtyBitmap {
     readonly granularityBytes: number,
     sizeBytes: number,
   ) {
-    assert(isPowerOfTwo(granularityBytes) && granularityBytes >= MIN_GRANULARITY_BYTES && granularityBytes <= MAX_GRANULARITY_BYTES);
-    assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0);
+    invariant(isPowerOfTwo(granularityBytes) && granularityBytes >= MIN_GRANULARITY_BYTES && granularityBytes <= MAX_GRANULARITY_BYTES);
+    invariant(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0);
     this.granularityBits = Math.log2(granularityBytes);
     this.size = sizeBytes;
     this.bits = new SparseBits(this.granulesFor(sizeBytes));
@@ -176,7 +175,7 @@ export class DirtyBitmap {
 
   /** New size (hbitmap_truncate): a grown area is clean, bits past a smaller size are dropped. */
   resize(sizeBytes: number): void {
-    assert(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0);
+    invariant(Number.isSafeInteger(sizeBytes) && sizeBytes >= 0);
     this.bits.resize(this.granulesFor(sizeBytes));
     this.size = sizeBytes;
   }
@@ -235,7 +234,7 @@ export class DirtyBitmap {
 
   private serialStart(offsetBytes: number): number {
     const first = this.granuleOf(offsetBytes);
-    assert(first * this.granularityBytes === offsetBytes && first % 8 === 0, 'serialisation starts on a byte of the bit stream');
+    invariant(first * this.granularityBytes === offsetBytes && first % 8 === 0, 'serialisation starts on a byte of the bit stream');
     return first;
   }
 }

@@ -23,8 +23,8 @@
  * Numbers: integers (number or bigint) in decimal; non-integers as "%.17g".
  * Members whose value is `undefined` are absent (QAPI's has_x = false).
  */
-import assert from 'node:assert/strict';
 import { formatSignificant } from './units.js';
+import { invariant } from './errors.js';
 
 export type QValue = null | boolean | number | bigint | string | readonly QValue[] | QDictValue;
 export interface QDictValue {
@@ -94,7 +94,7 @@ function escapeCodePoint(cp: number): string {
 export function formatNumber(n: number | bigint): string {
   if (typeof n === 'bigint') return n.toString();
   if (Number.isInteger(n)) return BigInt(n).toString();
-  assert(Number.isFinite(n), 'JSON cannot carry inf or nan');
+  invariant(Number.isFinite(n), 'JSON cannot carry inf or nan');
   const sign = n < 0 ? '-' : '';
   const [num, den] = exactFraction(Math.abs(n));
   return sign + formatSignificant(num, den, DOUBLE_DIGITS);

@@ -19,6 +19,12 @@ function asBuffer(buf: Uint8Array): Buffer {
   return Buffer.isBuffer(buf) ? buf : Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
 }
 
+/** Whether sector `index` of `b` is all zero bytes; a non-zero first byte answers without a scan. */
+function sectorIsZero(b: Buffer, index: number): boolean {
+  const at = index * SECTOR_BYTES;
+  return b[at] === 0 && zeroes.compare(b, at, at + SECTOR_BYTES, 0, SECTOR_BYTES) === 0;
+}
+
 /** Whether buf[start, end) is all zero bytes. */
 export function isZeroRange(buf: Uint8Array, start = 0, end = buf.length): boolean {
   const b = asBuffer(buf);
@@ -44,11 +50,11 @@ export function allocatedSectors(
   alignment: number,
 ): { data: boolean; count: number } {
   if (n <= 0) return { data: false, count: 0 };
-  const zeroAt = (i: number) => isZeroRange(buf, (first + i) * SECTOR_BYTES, (first + i + 1) * SECTOR_BYTES);
-  let zero = zeroAt(0);
-  if (zero && isZeroRange(buf, first * SECTOR_BYTES, (first + n) * SECTOR_BYTES)) return { data: false, count: n };
+  const b = asBuffer(buf);
+  let zero = sectorIsZero(b, first);
+  if (zero && isZeroRange(b, first * SECTOR_BYTES, (first + n) * SECTOR_BYTES)) return { data: false, count: n };
   let i = 1;
-  while (i < n && zeroAt(i) === zero) i++;
+  while (i < n && sectorIsZero(b, first + i) === zero) i++;
   if (i === n) return { data: !zero, count: n };
   const tail = (sector + i) & (alignment - 1);
   if (tail) {

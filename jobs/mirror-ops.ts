@@ -17,8 +17,8 @@
  *
  * CopyBuffers keeps the copy ops' buffers for reuse (see below).
  */
-import assert from 'node:assert/strict';
 import { alignDown, alignUp } from '../block/flags.js';
+import { invariant } from '../block/errors.js';
 
 export interface MirrorOp {
   readonly offsetBytes: number;
@@ -75,7 +75,7 @@ export class InFlightOps {
 
   /** Claims the range; the caller has just seen no conflict. */
   begin(offsetBytes: number, bytes: number, active: boolean): MirrorOp {
-    assert(!this.conflicting(offsetBytes, bytes), 'mirror op claimed an occupied range');
+    invariant(!this.conflicting(offsetBytes, bytes), 'mirror op claimed an occupied range');
     let finish!: () => void;
     const done = new Promise<void>((resolve) => (finish = resolve));
     const op: MirrorOp = { offsetBytes, bytes, active, done, finish };

@@ -28,6 +28,7 @@ import type { ClientTlsUpgrade } from './client-handshake.js';
 import { clientTls } from './tls-client.js';
 import { createTlsObject, isTlsObjectType, resolveTlsCreds } from './tls-objects.js';
 import type { NbdAddress, UriTls } from './uri.js';
+import { nodeTls } from './tls.js';
 
 /** The TLS part of a driver or CLI configuration. */
 export interface ClientTlsConfig {
@@ -89,7 +90,7 @@ export function tlsUpgrade(options: ConnectionOptions): ClientTlsUpgrade {
   return {
     // node:tls is loaded on first use: the tools start faster when no TLS is involved.
     upgrade: (socket: Duplex) => {
-      const tls = process.getBuiltinModule('node:tls');
+      const tls = nodeTls();
       return new Promise((resolve, reject) => {
         const secure = tls.connect({ ...options, socket: socket as never, minVersion: 'TLSv1.2' });
         const onError = (e: Error) => {

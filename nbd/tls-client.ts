@@ -21,11 +21,12 @@
  * destroyed on failure.
  */
 import type { Duplex } from 'node:stream';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import { BlockError } from '../block/errors.js';
 import type { ClientTlsUpgrade } from './client-handshake.js';
 import { PskCreds, X509Creds, type TlsCreds } from './tls-creds.js';
 import { contextOptions, tlsRefused, verifyFailureReason } from './tls-options.js';
+import { nodeTls } from './tls.js';
 
 /** A STARTTLS upgrade for the NBD client handshake (client-handshake.ts `tls` option). */
 export function clientTls(creds: TlsCreds, hostname?: string): ClientTlsUpgrade {
@@ -47,7 +48,7 @@ export function clientTlsUpgrade(socket: Duplex, creds: TlsCreds, hostname?: str
     options.pskCallback = () => psk;
   }
   return new Promise<Duplex>((resolve, reject) => {
-    const secure = tls.connect(options);
+    const secure = nodeTls().connect(options);
     const fail = (err: BlockError) => {
       secure.destroy();
       socket.destroy();
@@ -72,6 +73,6 @@ function checkServer(secure: tls.TLSSocket, creds: TlsCreds, hostname: string | 
   const verifyError = secure.authorizationError as unknown as string | undefined;
   if (!secure.authorized && verifyError) return verifyFailureReason(String(verifyError));
   if (hostname === undefined) return 'No hostname for certificate validation';
-  if (tls.checkServerIdentity(hostname, peer) !== undefined) return `Certificate does not match the hostname ${hostname}`;
+  if (nodeTls().checkServerIdentity(hostname, peer) !== undefined) return `Certificate does not match the hostname ${hostname}`;
   return null;
 }

@@ -34,10 +34,11 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import { BlockError, toBlockError } from '../block/errors.js';
 import { propError, Props, type ObjectSpec } from './tls-props.js';
 import { GNUTLS_BASE64, pemBlocks, readFailure, sanityCheckX509 } from './tls-x509-check.js';
+import { nodeTls } from './tls.js';
 
 export const TLS_CREDS_TYPES = ['tls-creds-anon', 'tls-creds-psk', 'tls-creds-x509'] as const;
 export type TlsCredsType = (typeof TLS_CREDS_TYPES)[number];
@@ -130,7 +131,7 @@ export abstract class TlsCreds {
 /** Null when node:tls accepts `options`, else why not. */
 function tryContext(options: tls.SecureContextOptions): string | null {
   try {
-    tls.createSecureContext(options);
+    nodeTls().createSecureContext(options);
     return null;
   } catch (e) {
     return (e as Error).message;

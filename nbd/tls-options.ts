@@ -18,7 +18,7 @@
  * session starts: each connection fails with its message, not the
  * creation of the credentials or of the server.
  */
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import { BlockError } from '../block/errors.js';
 import { AnonCreds, PskCreds, X509Creds, type TlsCreds } from './tls-creds.js';
 import { priorityVersions } from './tls-priority.js';

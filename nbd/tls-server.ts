@@ -34,14 +34,14 @@
 import crypto from 'node:crypto';
 import type net from 'node:net';
 import type { Duplex } from 'node:stream';
-import tls from 'node:tls';
+import type tls from 'node:tls';
 import { BlockError } from '../block/errors.js';
 import { resolveAuthz, type ObjectLookup } from './tls-objects.js';
 import { PskCreds, X509Creds, type TlsCreds } from './tls-creds.js';
 import { readCertificate } from './tls-der.js';
 import { formatDn } from './tls-dn.js';
 import { contextOptions, tlsRefused, verifyFailureReason } from './tls-options.js';
-import type { NbdServerTls } from './tls.js';
+import { nodeTls, type NbdServerTls } from './tls.js';
 
 export interface ServerTlsOptions {
   /** tls-authz: id of the authz object that must allow each client. */
@@ -81,7 +81,7 @@ class ServerTlsUpgrade implements NbdServerTls {
         return creds.serverKey(identity);
       };
     }
-    const server = tls.createServer(options);
+    const server = nodeTls().createServer(options);
     return new Promise<Duplex>((resolve, reject) => {
       const refuse = (err: BlockError, secure?: tls.TLSSocket) => {
         secure?.destroy();

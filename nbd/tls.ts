@@ -20,3 +20,8 @@ import type { Duplex } from 'node:stream';
 export interface NbdServerTls {
   upgrade(socket: net.Socket, pending: Buffer): Promise<Duplex>;
 }
+
+/** node:tls, loaded on first use: the tools start ~10 ms faster when no TLS is involved. */
+export function nodeTls(): typeof import('node:tls') {
+  return process.getBuiltinModule('node:tls');
+}

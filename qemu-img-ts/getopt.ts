@@ -31,7 +31,7 @@
  * the ambiguity list. Options are UTF-16 code units, not bytes, so a
  * non-ASCII flag is named whole where glibc would name its first byte.
  */
-import assert from 'node:assert/strict';
+import { invariant } from '../block/errors.js';
 
 /** One entry of getopt_long's table (struct option); `key` is what getopt returns for it. */
 export interface LongOption {
@@ -78,7 +78,7 @@ export class Getopt implements Iterable<GetoptEvent> {
     optstring: string,
     private readonly longopts: readonly LongOption[] | null = null,
   ) {
-    assert(!optstring.startsWith('-'), "RETURN_IN_ORDER ('-') is not supported");
+    invariant(!optstring.startsWith('-'), "RETURN_IN_ORDER ('-') is not supported");
     this.argv = [...argv];
     this.requireOrder = optstring.startsWith('+');
     this.shorts = this.requireOrder ? optstring.slice(1) : optstring;

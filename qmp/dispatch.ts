@@ -20,8 +20,7 @@
  * Commands come in arrays from their modules (qmp/commands-all.ts lists
  * them); registering a name twice is a programmer error.
  */
-import assert from 'node:assert/strict';
-import { BlockError } from '../block/errors.js';
+import { BlockError, invariant } from '../block/errors.js';
 import { QmpError, type QmpCommand, type QmpErrorClass } from './command.js';
 import type { JsonValue } from './json-stream.js';
 import { QapiInputError, parseQapi } from './qapi-errors.js';
@@ -49,7 +48,7 @@ export class Dispatcher<Ctx> {
 
   register(list: readonly QmpCommand<Ctx, any>[]): void {
     for (const c of list) {
-      assert(!this.commands.has(c.name), `QMP command ${c.name} registered twice`);
+      invariant(!this.commands.has(c.name), `QMP command ${c.name} registered twice`);
       this.commands.set(c.name, c);
     }
   }

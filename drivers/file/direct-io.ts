@@ -48,6 +48,8 @@ export const DIRECT_BOUNCES_MAX = 4;
 export interface HostFile {
   fh: fs.promises.FileHandle;
   direct: DirectIo | null;
+  /** Large buffered writes go through it one at a time (see WriteLane); absent: no limit. */
+  writeLane?: WriteLane;
   /** Positioned I/O on the calling thread (OpenFlags.syncIo). */
   syncIo: boolean;
 }
@@ -73,6 +75,44 @@ function transfers(fh: fs.promises.FileHandle, syncIo: boolean, bytes: number): 
     read: async (buf, at, bytes, offsetBytes) => (await fh.read(buf, at, bytes, offsetBytes)).bytesRead,
     write: async (buf, at, bytes, offsetBytes) => (await fh.write(buf, at, bytes, offsetBytes)).bytesWritten,
   };
+}
+
+/**
+ * Buffered writes of at least this many bytes go one at a time per file.
+ * Smaller ones hold the inode lock briefly and keep their concurrency.
+ */
+export const SERIAL_WRITE_MIN_BYTES = 256 << 10;
+
+/**
+ * A file's large buffered writes in flight at once: one copying, one
+ * queued at the lock so it starts the moment the first ends (a lane of one
+ * would leave the file idle for an event-loop round trip between writes).
+ */
+export const SERIAL_WRITES_IN_FLIGHT = 2;
+
+/**
+ * The lane of a file's large buffered writes. The kernel's buffered write
+ * path (tmpfs, ext4, xfs) holds the inode lock exclusively for the whole
+ * copy, so more large writes in flight on other pool threads cannot
+ * overlap the one copying: they spin on the lock (rwsem_spin_on_owner),
+ * burning cores that reads and the event loop need, then copy after it
+ * anyway. Holding the rest back here costs no throughput and frees them.
+ */
+export class WriteLane {
+  private running = 0;
+  private readonly waiting: Array<() => void> = [];
+
+  async run<T>(body: () => Promise<T>): Promise<T> {
+    if (this.running >= SERIAL_WRITES_IN_FLIGHT) await new Promise<void>((resolve) => this.waiting.push(resolve));
+    else this.running++;
+    try {
+      return await body();
+    } finally {
+      const next = this.waiting.shift();
+      if (next) next();
+      else this.running--;
+    }
+  }
 }
 
 /** Aligned bounce buffers of one O_DIRECT file. */
@@ -193,6 +233,10 @@ export async function preadHost(file: HostFile, offsetBytes: number, buf: Uint8A
 /** Writes buf at offsetBytes, through a bounce buffer when O_DIRECT needs one. */
 export async function pwriteHost(file: HostFile, offsetBytes: number, buf: Uint8Array): Promise<void> {
   const { fh, direct, syncIo } = file;
+  if (!direct && file.writeLane && buf.length >= SERIAL_WRITE_MIN_BYTES) {
+    await file.writeLane.run(() => writeFull(fh, buf, offsetBytes, syncIo));
+    return;
+  }
   if (!direct || direct.canUse(buf)) {
     await writeFull(fh, buf, offsetBytes, syncIo);
     return;

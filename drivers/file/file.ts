@@ -35,7 +35,7 @@ import { Req, Status, type Prealloc } from '../../block/flags.js';
 import type { BlockDriver } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
 import { createFile, FILE_CREATE_OPTS, stripFilePrefix } from './create.js';
-import { DirectIo, preadHost, probeRequestAlignment, pwriteHost, type HostFile } from './direct-io.js';
+import { DirectIo, preadHost, probeRequestAlignment, pwriteHost, WriteLane, type HostFile } from './direct-io.js';
 import { loadHostIo, type HostIo } from './host-io.js';
 import { resizeFile } from './resize.js';
 
@@ -119,6 +119,7 @@ async function open(node: BlockNode, options: Record<string, unknown>): Promise<
     node.opaque = {
       fh,
       direct: directIo,
+      writeLane: directIo === null && st.isFile() ? new WriteLane() : undefined,
       host,
       isBlockDevice: st.isBlockDevice(),
       syncIo: node.openFlags.syncIo,

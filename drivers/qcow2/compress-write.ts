@@ -48,7 +48,7 @@
  */
 import os from 'node:os';
 import { promisify } from 'node:util';
-import zlib from 'node:zlib';
+import type zlib from 'node:zlib';
 import { BlockError } from '../../block/errors.js';
 import { refreshLength, truncate } from '../../block/io.js';
 import type { BlockNode } from '../../block/node.js';
@@ -64,18 +64,21 @@ import { DiscardType, stateOf, type Allocation, type InFlight, type Qcow2State }
 /** Clusters of one request compressed and written at once (QEMU's QCOW2_MAX_WORKERS). */
 const COMPRESS_WORKERS_MAX = 8;
 /** QEMU's deflateInit2 parameters: Z_DEFAULT_COMPRESSION, window bits -12 (raw, 4 KiB), memLevel 9. */
-const DEFLATE_OPTIONS: zlib.ZlibOptions = { level: zlib.constants.Z_DEFAULT_COMPRESSION, windowBits: 12, memLevel: 9 };
+const DEFLATE_OPTIONS: zlib.ZlibOptions = { level: -1 /* Z_DEFAULT_COMPRESSION */, windowBits: 12, memLevel: 9 };
 /** Below this many cores compression stays on the calling thread (see the note at the top). */
 const THREADED_COMPRESS_MIN_CORES = 4;
 const COMPRESS_IN_THREADS = os.availableParallelism() >= THREADED_COMPRESS_MIN_CORES;
 
-const deflateRawAsync = promisify(zlib.deflateRaw);
+/** node:zlib is loaded on first use: the tools start faster when nothing is compressed. */
+let deflateRawAsync: ((input: Uint8Array, options: zlib.ZlibOptions) => Promise<Buffer>) | undefined;
 
 /**
  * Deflates one cluster; null when the output would not be smaller than
  * the cluster (QEMU compresses into cluster_size - 1 bytes).
  */
 export async function deflateCluster(input: Uint8Array, inThreads = COMPRESS_IN_THREADS): Promise<Uint8Array | null> {
+  const zlib = process.getBuiltinModule('node:zlib');
+  deflateRawAsync ??= promisify(zlib.deflateRaw);
   const out = inThreads ? await deflateRawAsync(input, DEFLATE_OPTIONS) : zlib.deflateRawSync(input, DEFLATE_OPTIONS);
   return out.length < input.length ? out : null;
 }

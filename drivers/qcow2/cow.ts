@@ -15,7 +15,6 @@
  * capped at one cluster so a hostile stream cannot allocate more. The last
  * cluster inflated is kept, so small sequential reads inflate it once.
  */
-import zlib from 'node:zlib';
 import { BlockError } from '../../block/errors.js';
 import { preadv } from '../../block/io.js';
 import type { CowSource, Qcow2State } from './state.js';
@@ -48,6 +47,7 @@ export async function decompressCluster(s: Qcow2State, hi: number, lo: number): 
 export function inflateCluster(input: Uint8Array, clusterBytes: number): Uint8Array {
   let out: Buffer;
   try {
+    const zlib = process.getBuiltinModule('node:zlib'); // loaded on first use, like compress-write.ts
     out = zlib.inflateRawSync(input, { maxOutputLength: clusterBytes, finishFlush: zlib.constants.Z_SYNC_FLUSH });
   } catch {
     throw new BlockError('EIO', 'Could not decompress a compressed cluster');

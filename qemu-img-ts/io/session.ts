@@ -12,12 +12,12 @@
  * Invariant: `blk` is null or a backend on an open node; commands that need
  * an image are only run while it is set (the dispatcher checks).
  */
-import assert from 'node:assert/strict';
 import { BlockBackend } from '../../block/backend.js';
 import { BlockGraph } from '../../block/graph.js';
 import type { BlockDriver } from '../../block/driver.js';
 import { warningText, type Output } from '../cli-common.js';
 import { cvtnum, cvtnumError } from './args.js';
+import { invariant } from '../../block/errors.js';
 
 /** The program name in messages (QEMU uses argv[0]'s basename; users know `qemu-io`). */
 export const PROG = 'qemu-io';
@@ -86,7 +86,7 @@ export class IoSession {
 
   /** The open image; only called by commands the dispatcher ran with one open. */
   backend(): BlockBackend {
-    assert(this.blk, 'command needs an open image');
+    invariant(this.blk, 'command needs an open image');
     return this.blk;
   }
 
