@@ -51,6 +51,19 @@ export function runInTable(s: Qcow2State, table: CacheEntry | null, offsetBytes:
   const inCluster = offsetBytes % c;
   const wanted = Math.ceil((inCluster + maxBytes) / c);
   const host = type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC ? entryOffset(hi, lo) : 0;
+  const n = sameRunEntries(s, view, first, wanted, type, host);
+  return { type, bytes: Math.min(maxBytes, n * c - inCluster), hostOffset: host === 0 ? 0 : host + inCluster, hi, lo };
+}
+
+/**
+ * How many of the `wanted` entries from `first` continue the run the first
+ * one starts (same type, contiguous host clusters when `host` is not 0).
+ * A function of its own so that V8's on-stack replacement of this hot loop
+ * cannot leave runInTable's code after it without type feedback: compiled
+ * that way, every call deoptimised there (~1 ms each, hundreds per GiB).
+ */
+function sameRunEntries(s: Qcow2State, view: DataView, first: number, wanted: number, type: ClusterTypeValue, host: number): number {
+  const c = s.clusterBytes;
   let n = 1;
   for (; n < wanted; n++) {
     const h = view.getUint32((first + n) * 8);
@@ -58,7 +71,7 @@ export function runInTable(s: Qcow2State, table: CacheEntry | null, offsetBytes:
     if (l2EntrySuspect(s, h, l) || clusterType(h, l) !== type) break;
     if (host !== 0 && entryOffset(h, l) !== host + n * c) break;
   }
-  return { type, bytes: Math.min(maxBytes, n * c - inCluster), hostOffset: host === 0 ? 0 : host + inCluster, hi, lo };
+  return n;
 }
 
 /** The compressed run at `offset`, whose entry passed the slow check. */
