@@ -13,6 +13,7 @@
 import { BlockError } from './errors.js';
 import { Perm, Req, type Prealloc } from './flags.js';
 import { checkRange, flush, pdiscard, preadv, pwriteZeroes, pwritev, truncate } from './io.js';
+import { drain } from './drain.js';
 import { attachChild, detachChild, replaceChildNode, type BdrvChild, type BlockNode, type EdgeParent } from './node.js';
 import { blockStatus, blockStatusAbove, type ChainStatusResult } from './status.js';
 import type { BlockStatusResult } from './driver.js';
@@ -213,11 +214,16 @@ export class BlockBackend implements EdgeParent {
     replaceChildNode(this.root, node);
   }
 
-  /** Lets go of the node; it is closed when nothing else holds it. */
+  /**
+   * Lets go of the node; it is closed when nothing else holds it. As QEMU's
+   * blk_unref of the last reference, the node is drained twice on the way
+   * (blk_unref, then blk_remove_bs): jobs using it pause and resume twice.
+   */
   async close(): Promise<void> {
     const edge = this.rootEdge;
     if (!edge) return;
-    await this.waitIdle();
+    await drain(edge.node);
+    await drain(edge.node);
     this.rootEdge = null;
     detachChild(edge);
     await this.graph.unref(edge.node);

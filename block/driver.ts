@@ -17,6 +17,7 @@
  *   coTruncate       -> ENOTSUP
  *   makeEmpty, changeBackingFile -> ENOTSUP
  *   getInfo          -> a filter's child's answer, else null (unknown)
+ *   debugEvent       -> ignored (only blkdebug listens)
  *
  * Contract: the gate calls drivers only with checked, aligned requests:
  * offsets and lengths are non-negative integers, multiples of the node's
@@ -33,6 +34,7 @@ import type { BlockGraph } from './graph.js';
 import type { MeasureInfo, MeasureRequest } from './measure.js';
 import type { SnapshotCreateRequest, SnapshotInfo, SnapshotReport } from './snapshot.js';
 import type { PersistentBitmapHooks } from './dirty-bitmap.js';
+import type { BlkdebugEvent } from './debug-event.js';
 
 /** What a driver's block status says about [offset, offset + pnum). */
 export interface BlockStatusResult {
@@ -203,6 +205,19 @@ export interface BlockDriver {
   amend?(node: BlockNode, request: AmendRequest): Promise<void>;
   /** Persistent dirty bitmaps stored in the image (qcow2); only block/dirty-bitmap-ops.ts calls them. Absent: none. */
   readonly persistentBitmaps?: PersistentBitmapHooks;
+  /**
+   * bdrv_debug_event: a parent announces `event` on this node (see
+   * block/debug-event.ts; blkdebug acts on it). Synchronous, never throws.
+   * Absent: ignored.
+   */
+  debugEvent?(node: BlockNode, event: BlkdebugEvent): void;
+  /**
+   * QAPI's typed checks of the driver's own keys for blockdev-add over QMP
+   * (`tree` as sent, `prefix` the path of its node, e.g. `file.`), beyond
+   * the key names the monitor checks itself: QAPI's message, or null.
+   * Absent: nothing more to check.
+   */
+  qapiProblem?(tree: Record<string, unknown>, prefix: string): string | null;
 }
 
 /** What bdrv_amend_options gets besides the node. */
@@ -244,6 +259,8 @@ const notSupported = (what: string) => async (): Promise<never> => {
   throw new BlockError('ENOTSUP', `${what}: Operation not supported`);
 };
 const nothing = async (): Promise<void> => {};
+/** One shared no-op, so firing an event at a node that does not listen stays a monomorphic empty call. */
+const ignoreDebugEvent = (): void => {};
 
 export function normaliseDriver(d: BlockDriver): NormalisedDriver {
   return {
@@ -268,6 +285,8 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     changeBackingFile: d.changeBackingFile ?? notSupported(`Driver '${d.name}' cannot change the backing file`),
     drainBegin: d.drainBegin ?? (() => {}),
     drainEnd: d.drainEnd ?? (() => {}),
+    debugEvent: d.debugEvent ?? ignoreDebugEvent,
+    qapiProblem: d.qapiProblem ?? (() => null),
     has: {
       pwritev: d.coPwritev !== undefined,
       pwritevCompressed: d.coPwritevCompressed !== undefined,

@@ -60,7 +60,8 @@ export interface DriverBackingInfo {
 export async function queryImageInfo(node: BlockNode): Promise<ImageInfo> {
   const answer: (DriverInfo & DriverBackingInfo) | null = node.driver.getInfo(node);
   const driverInfo = answer ?? {};
-  const backing = driverInfo.backingFile ? driverInfo : undefined;
+  // A filter answers for its child, but has no backing file name of its own (bs->backing_file).
+  const backing = driverInfo.backingFile && !node.driver.isFilter ? driverInfo : undefined;
   const info: ImageInfo = {
     snapshots: await querySnapshotInfoList(node),
     'backing-filename-format': backing?.backingFormat || undefined,

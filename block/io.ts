@@ -7,7 +7,9 @@
  * whether the caller may write or grow the node. In order, the gate:
  *   1. checks the node is open and the range is sane (EIO, as QEMU), the
  *      node writable (EPERM) and the edge allowed to write (EPERM);
- *   2. counts the request in flight (for drain) and tracks its range;
+ *   2. counts the request in flight (for drain) and tracks its range (a
+ *      read with Req.COPY_ON_READ also copies what the node does not
+ *      allocate into it: block/copy-on-read-io.ts);
  *   3. aligns it: an unaligned read reads the covering aligned range into a
  *      bounce buffer; an unaligned write or write-zeroes becomes
  *      read-modify-write of the partial head and tail blocks (only those
@@ -42,6 +44,8 @@ import { Perm, Req, alignDown, alignUp, isAligned, type Prealloc } from './flags
 import type { BdrvChild, BlockNode } from './node.js';
 import { beginTracked, endTracked, markSerialising, waitSerialising, type TrackedRequest } from './tracked.js';
 import { markDirty, resizeDirtyBitmaps } from './dirty-bitmap.js';
+import { copyOnReadClusterBytes, copyOnReadv, type CopyOnReadIo } from './copy-on-read-io.js';
+import { debugEvent } from './debug-event.js';
 
 /** Node lengths are whole multiples of this (QEMU's BDRV_SECTOR_SIZE). */
 export const SECTOR_BYTES = 512;
@@ -120,24 +124,55 @@ async function inRequest<T>(
 
 // ---------------------------------------------------------------- read
 
-/** Reads `buf.length` bytes at `offsetBytes` from the edge's node. */
+/**
+ * Reads `buf.length` bytes at `offsetBytes` from the edge's node. With
+ * Req.COPY_ON_READ the request serialises at the node's cluster size and
+ * what the node does not allocate is also written into it
+ * (block/copy-on-read-io.ts); with Req.PREFETCH too, `buf` is not filled.
+ */
 export async function preadv(child: BdrvChild, offsetBytes: number, buf: Uint8Array, flags = 0): Promise<void> {
   const node = child.node;
   checkOpen(node);
   checkRange(offsetBytes, buf.length);
   if (buf.length === 0) return;
   await inRequest(node, offsetBytes, buf.length, async (req) => {
+    let read = alignedPreadv;
+    if (flags & Req.COPY_ON_READ) {
+      // The copy's read and write must not interleave with a write of the same cluster.
+      markSerialising(node, req, copyOnReadClusterBytes(node));
+      read = alignedCopyOnRead;
+    }
     await waitSerialising(node, req);
     const align = node.limits.requestAlignment;
     if (isAligned(offsetBytes, align) && isAligned(buf.length, align)) {
-      await alignedPreadv(node, offsetBytes, buf, flags);
+      await read(node, offsetBytes, buf, flags);
       return;
     }
     const start = alignDown(offsetBytes, align);
     const bounce = new Uint8Array(alignUp(offsetBytes + buf.length, align) - start);
-    await alignedPreadv(node, start, bounce, flags);
+    await read(node, start, bounce, flags);
     buf.set(bounce.subarray(offsetBytes - start, offsetBytes - start + buf.length));
   });
+}
+
+/** The gate's primitives for copy-on-read (block/copy-on-read-io.ts): driver calls, no permission check, no dirty marks. */
+const COPY_ON_READ_IO: CopyOnReadIo = {
+  read: (node, offsetBytes, buf) => alignedPreadv(node, offsetBytes, buf, 0),
+  async write(node, offsetBytes, buf, flags) {
+    node.writeGen++;
+    await driverPwritev(node, offsetBytes, buf, flags);
+  },
+  async writeZeroes(node, offsetBytes, bytes, flags) {
+    node.writeGen++;
+    await doPwriteZeroes(node, offsetBytes, bytes, flags);
+  },
+  maxTransferBytes: (node) => maxChunk(node.limits.maxTransfer, node.limits.requestAlignment),
+  isZero: (buf) => isZeroBuffer(buf),
+};
+
+/** An aligned read carrying Req.COPY_ON_READ (see block/copy-on-read-io.ts). */
+function alignedCopyOnRead(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void> {
+  return copyOnReadv(node, offsetBytes, buf, flags, COPY_ON_READ_IO);
 }
 
 /** An aligned read: the driver sees at most the node's length, rounded up; zeroes beyond. */
@@ -457,8 +492,10 @@ export async function flush(node: BlockNode): Promise<void> {
 }
 
 async function flushOnce(node: BlockNode, generation: number): Promise<void> {
+  debugEvent(node.primaryChild, 'flush_to_os');
   await node.driver.coFlushToOs(node);
   if (!node.openFlags.noFlush && node.flushedGen !== generation) {
+    debugEvent(node.primaryChild, 'flush_to_disk');
     await node.driver.coFlushToDisk(node);
   }
   let firstError: unknown = null;

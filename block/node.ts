@@ -160,6 +160,12 @@ export class BlockNode implements EdgeParent {
 
   inFlight = 0;
   quiesceCounter = 0;
+  /**
+   * Block jobs holding this node (QEMU's child_job edges, block_job_add_bdrv):
+   * drains of the node reach them as they reach parents (a job pauses), but
+   * they take no permissions and never move with the node's parents.
+   */
+  readonly holders: EdgeParent[] = [];
   readonly tracked = new Set<TrackedRequest>();
   /** How many tracked requests are serialising (0 lets requests skip the overlap scan). */
   serialisingInFlight = 0;
@@ -245,11 +251,13 @@ export class BlockNode implements EdgeParent {
   drainedBegin(): void {
     if (this.quiesceCounter++ === 0) this.driver.drainBegin(this);
     for (const edge of this.parents) edge.parent.drainedBegin();
+    for (const holder of this.holders) holder.drainedBegin();
   }
 
   drainedEnd(): void {
     if (--this.quiesceCounter === 0) this.driver.drainEnd(this);
     for (const edge of this.parents) edge.parent.drainedEnd();
+    for (const holder of this.holders) holder.drainedEnd();
   }
 
   /** Resolves when no request is in flight on this node. */

@@ -1,27 +1,41 @@
 /*
- * `blkdebug`: a pass-through filter that imposes I/O limits on the node
- * above its `image` child, as QEMU's blkdebug does for tests and debugging:
- * `align` (request alignment), `max-transfer`, `opt-write-zero` /
- * `max-write-zero` and `opt-discard` / `max-discard`.
+ * `blkdebug`: a pass-through filter for tests and debugging, as QEMU's.
  *
- * Like QEMU's, it checks that the gate honoured those limits and fails a
- * request that breaks them (EIO, with a message naming the broken limit),
- * which makes it an oracle for the gate's alignment and splitting. Also
- * like QEMU's, write-zeroes and discard pieces smaller than their preferred
- * alignment are not passed down (ENOTSUP, resp. ignored), so tests exercise
- * the gate's fallback; such a piece must not cross an alignment boundary.
- * Error-injection rules are not offered; the option is refused as unknown.
+ * Limits: it imposes `align` (request alignment), `max-transfer`,
+ * `opt-write-zero` / `max-write-zero` and `opt-discard` / `max-discard` on
+ * the node above its `image` child. Like QEMU's, it checks that the gate
+ * honoured them and fails a request that breaks them (EIO, with a message
+ * naming the broken limit), which makes it an oracle for the gate's
+ * alignment and splitting. Also like QEMU's, write-zeroes and discard
+ * pieces smaller than their preferred alignment are not passed down
+ * (ENOTSUP, resp. ignored), so tests exercise the gate's fallback; such a
+ * piece must not cross an alignment boundary.
+ *
+ * Error injection: `inject-error` and `set-state` rules (from the options
+ * and from a `config` file) form a state machine driven by the debug
+ * events the node's parent fires on it (`debugEvent`; raw and qcow2 fire
+ * read_aio, write_aio, l2_load, cluster_alloc, …; the node itself fires
+ * `none` once when it opens). Armed rules fail matching requests of every
+ * kind (read, write, write-zeroes, discard, flush, block-status) with
+ * their errno, after the limit checks: see blkdebug-rules.ts for the
+ * matching, `once` and `immediately`. Left out: `suspend` rules
+ * (qemu-io's break/resume), `take-child-perms` / `unshare-child-perms`
+ * and the `blkdebug:config:image` filename syntax.
  */
 import { z } from 'zod';
 import { BlockError } from '../block/errors.js';
-import { Req, isAligned, isPowerOfTwo } from '../block/flags.js';
+import { Req, Status, isAligned, isPowerOfTwo } from '../block/flags.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev } from '../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
 import { zBlockdevRef, zSize } from '../block/options.js';
 import type { BlockDriver } from '../block/driver.js';
+import { BlkdebugRules, injectedError, qapiRulesProblem, readRules, type BlkdebugIoType } from './blkdebug-rules.js';
 
 const optionsSchema = z.object({
   image: zBlockdevRef.optional(),
+  config: z.string().optional(),
+  'inject-error': z.unknown().optional(),
+  'set-state': z.unknown().optional(),
   align: zSize('align').optional(),
   'max-transfer': zSize('max-transfer').optional(),
   'opt-write-zero': zSize('opt-write-zero').optional(),
@@ -31,7 +45,28 @@ const optionsSchema = z.object({
 });
 type Options = z.output<typeof optionsSchema>;
 
-const image = (node: BlockNode) => node.opaque as BdrvChild;
+interface BlkdebugState {
+  image: BdrvChild;
+  rules: BlkdebugRules;
+}
+
+const stateOf = (node: BlockNode) => node.opaque as BlkdebugState;
+const image = (node: BlockNode) => stateOf(node).image;
+
+/** A turn of the event loop: where QEMU reschedules a request before failing it (not `immediately`). */
+const nextTurn = () => new Promise<void>((resolve) => setImmediate(resolve));
+
+/**
+ * rule_check: fails the request when an armed rule matches it; returns
+ * true when a rule with a negative errno completes it without I/O.
+ */
+async function ruleCheck(node: BlockNode, offsetBytes: number, bytes: number, type: BlkdebugIoType): Promise<boolean> {
+  const hit = stateOf(node).rules.check(offsetBytes, bytes, type);
+  if (hit === null) return false;
+  if (!hit.immediately) await nextTurn();
+  if (hit.errno < 0) return true;
+  throw injectedError(hit.errno);
+}
 
 /** A reason the limits cannot be met, or null (QEMU's blkdebug_open checks). */
 function invalidLimits(o: Options): string | null {
@@ -87,15 +122,16 @@ export const blkdebugDriver: BlockDriver = {
   name: 'blkdebug',
   isFilter: true,
   optionsSchema,
-  strongOptions: ['align', 'max-transfer', 'opt-write-zero', 'max-write-zero', 'opt-discard', 'max-discard'],
+  strongOptions: ['config', 'inject-error', 'set-state', 'align', 'max-transfer', 'opt-write-zero', 'max-write-zero', 'opt-discard', 'max-discard'],
   // Opened like a protocol in QEMU, so it reports no allocated size.
   getAllocatedFileSize: async () => undefined,
   async open(node, options, ctx) {
     const o = options as Options;
+    const rules = new BlkdebugRules(await readRules(o.config, o));
     const reason = invalidLimits(o);
     if (reason) throw new BlockError('EINVAL', reason);
     const child = (await ctx.openChild('image', ChildRole.FILTERED | ChildRole.PRIMARY))!;
-    node.opaque = child;
+    node.opaque = { image: child, rules } satisfies BlkdebugState;
     node.limits.requestAlignment = o.align ?? 1;
     node.limits.maxTransfer = o['max-transfer'] ?? 0;
     node.limits.pwriteZeroesAlignment = o['opt-write-zero'] ?? 0;
@@ -104,14 +140,19 @@ export const blkdebugDriver: BlockDriver = {
     node.limits.maxPdiscard = o['max-discard'] ?? 0;
     node.supportedWriteFlags = Req.FUA & child.node.supportedWriteFlags;
     node.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & child.node.supportedZeroFlags;
+    rules.event('none');
   },
   getLength: async (node) => image(node).node.totalBytes,
+  debugEvent: (node, event) => stateOf(node).rules.event(event),
+  qapiProblem: qapiRulesProblem,
   async coPreadv(node, offsetBytes, buf, flags) {
     checkRequest(node, 'read', offsetBytes, buf.length, node.limits.maxTransfer);
+    if (await ruleCheck(node, offsetBytes, buf.length, 'read')) return;
     await preadv(image(node), offsetBytes, buf, flags);
   },
   async coPwritev(node, offsetBytes, buf, flags) {
     checkRequest(node, 'write', offsetBytes, buf.length, node.limits.maxTransfer);
+    if (await ruleCheck(node, offsetBytes, buf.length, 'write')) return;
     await pwritev(image(node), offsetBytes, buf, flags);
   },
   async coPwriteZeroes(node, offsetBytes, bytes, flags) {
@@ -120,12 +161,22 @@ export const blkdebugDriver: BlockDriver = {
       throw new BlockError('ENOTSUP', 'blkdebug: write-zeroes piece smaller than opt-write-zero');
     }
     checkRequest(node, 'write-zeroes', offsetBytes, bytes, node.limits.maxPwriteZeroes, align);
+    if (await ruleCheck(node, offsetBytes, bytes, 'write-zeroes')) return;
     await pwriteZeroes(image(node), offsetBytes, bytes, flags);
   },
   async coPdiscard(node, offsetBytes, bytes) {
     const align = Math.max(node.limits.requestAlignment, node.limits.pdiscardAlignment);
     if (smallPiece(node, 'discard', offsetBytes, bytes, align)) return;
     checkRequest(node, 'discard', offsetBytes, bytes, node.limits.maxPdiscard, align);
+    if (await ruleCheck(node, offsetBytes, bytes, 'discard')) return;
     await pdiscard(image(node), offsetBytes, bytes);
+  },
+  // The gate flushes the image child afterwards.
+  async coFlushToDisk(node) {
+    await ruleCheck(node, 0, 0, 'flush');
+  },
+  async coBlockStatus(node, _wantZero, offsetBytes, bytes) {
+    await ruleCheck(node, offsetBytes, bytes, 'block-status');
+    return { status: Status.RAW | Status.OFFSET_VALID, pnum: bytes, map: offsetBytes, file: image(node).node };
   },
 };

@@ -17,6 +17,7 @@ import { BlockError } from '../block/errors.js';
 import { Req, Status, isAligned, type Prealloc } from '../block/flags.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev, truncate, SECTOR_BYTES } from '../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
+import { debugEvent } from '../block/debug-event.js';
 import { zBlockdevRef, zSize } from '../block/options.js';
 import type { BlockDriver, CreateOptDesc } from '../block/driver.js';
 import type { BlockGraph } from '../block/graph.js';
@@ -107,9 +108,13 @@ export const rawDriver: BlockDriver = {
   strongOptions: ['offset', 'size'],
   open,
   getLength,
-  coPreadv: (node, offsetBytes, buf, flags) => preadv(state(node).file, offsetBytes + state(node).offsetBytes, buf, flags),
+  coPreadv: (node, offsetBytes, buf, flags) => {
+    debugEvent(state(node).file, 'read_aio');
+    return preadv(state(node).file, offsetBytes + state(node).offsetBytes, buf, flags);
+  },
   coPwritev: async (node, offsetBytes, buf, flags) => {
     guardProbedWrite(node, offsetBytes, buf);
+    debugEvent(state(node).file, 'write_aio');
     await pwritev(state(node).file, offsetBytes + state(node).offsetBytes, buf, flags);
   },
   coPwriteZeroes: (node, offsetBytes, bytes, flags) =>

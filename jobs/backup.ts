@@ -109,6 +109,8 @@ export async function createBackup(ctx: JobContext, opts: BackupOptions): Promis
     job.earlyFail();
     throw e;
   }
+  // The filter is the job's main node in QEMU (block_job_create on the cbw node).
+  job.holdNode(s.filter!);
   freezeBitmap(s);
   job.progressSetRemaining(s.copier!.copyBitmap.dirtyBytes);
   return job;

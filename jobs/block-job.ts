@@ -2,7 +2,8 @@
  * What stream, commit and backup share when they create their job, as
  * QEMU's block_job_create: the job is registered (id checked) in status
  * created, then the speed is checked — a negative one fails the job early
- * (created → null, no other event) with QEMU's text.
+ * (created → null, no other event) with QEMU's text. The nodes it works on
+ * are claimed: busy for other jobs, and held so that their drains pause it.
  */
 import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
@@ -26,12 +27,16 @@ export interface BlockJobOptions {
 }
 
 /**
- * Refuses when a node is busy with another job, else marks the nodes busy
- * with this job until it concludes (block_job_add_bdrv's op blocker).
+ * Marks the nodes busy with this job until it concludes and holds them, so
+ * their drains pause it (block_job_add_bdrv: the op blocker and the
+ * child_job edge).
  */
 export function claimNodes(job: Job, nodes: readonly BlockNode[]): void {
   const reason = `block device is in use by block job: ${job.type}`;
-  for (const node of new Set(nodes)) job.addCleanup(blockAllOps(node, reason));
+  for (const node of new Set(nodes)) {
+    job.addCleanup(blockAllOps(node, reason));
+    job.holdNode(node);
+  }
 }
 
 /** The busy refusal for the first of `nodes` another job holds (bdrv_op_is_blocked), if any. */

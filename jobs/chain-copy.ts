@@ -17,31 +17,32 @@
  * was there but ignored"). Errors of the write half count as write errors
  * (BLOCK_JOB_ERROR operation "write"), everything else as reads.
  *
- * With `zeroesAsWriteZeroes` a chunk that reads as all zeroes is written as
- * write-zeroes, as QEMU's copy-on-read does, so streamed zero clusters stay
- * unallocated-as-zero rather than becoming data.
+ * Without a `write` edge (stream) the copy is a read with `readFlags`
+ * (Req.PREFETCH through the copy-on-read filter): the read itself writes
+ * the data into the device (block/copy-on-read-io.ts), and every failure is
+ * a read failure, as in QEMU's stream_populate.
  */
 import { BlockError, toBlockError } from '../block/errors.js';
-import { preadv, pwriteZeroes, pwritev } from '../block/io.js';
+import { preadv, pwritev } from '../block/io.js';
 import type { BdrvChild } from '../block/node.js';
 import type { Job, OnErrorPolicy } from './job.js';
 
 /** Largest stretch copied at once (QEMU's STREAM_CHUNK and COMMIT_BUFFER_SIZE). */
 export const CHAIN_CHUNK_BYTES = 512 * 1024;
-const ZERO_CHUNK = new Uint8Array(CHAIN_CHUNK_BYTES);
 
 export interface ChainCopyPlan {
   /** Whether the stretch at `offset` (at most `maxBytes`) needs copying, and its length (> 0). */
   decide(offsetBytes: number, maxBytes: number): Promise<{ copy: boolean; bytes: number }>;
   /** Edge reads go through (the top of the chain). */
   read: BdrvChild;
-  /** Edge writes go through (the device for stream, the base for commit). */
-  write: BdrvChild;
+  /** Flags of the reads (Req.PREFETCH when the read itself copies). */
+  readFlags?: number;
+  /** Edge writes go through (the base for commit); null: the read copies (stream). */
+  write: BdrvChild | null;
   lengthBytes: number;
   onError: OnErrorPolicy;
   /** What `ignore` does with a failed stretch. */
   ignoreMeans: 'retry' | 'skip';
-  zeroesAsWriteZeroes: boolean;
 }
 
 /** A write-side failure, so the error policy reports operation "write". */
@@ -84,18 +85,11 @@ export async function runChainCopy(job: Job, plan: ChainCopyPlan): Promise<void>
 }
 
 async function copyStretch(plan: ChainCopyPlan, offsetBytes: number, buf: Uint8Array): Promise<void> {
-  await preadv(plan.read, offsetBytes, buf);
+  await preadv(plan.read, offsetBytes, buf, plan.readFlags ?? 0);
+  if (!plan.write) return;
   try {
-    if (plan.zeroesAsWriteZeroes && plan.write.node.driver.has.pwriteZeroes && isAllZero(buf)) {
-      await pwriteZeroes(plan.write, offsetBytes, buf.length);
-    } else {
-      await pwritev(plan.write, offsetBytes, buf);
-    }
+    await pwritev(plan.write, offsetBytes, buf);
   } catch (e) {
     throw new WriteFailure(toBlockError(e));
   }
-}
-
-function isAllZero(buf: Uint8Array): boolean {
-  return Buffer.from(buf.buffer, buf.byteOffset, buf.length).equals(ZERO_CHUNK.subarray(0, buf.length));
 }

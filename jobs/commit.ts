@@ -4,10 +4,13 @@
  * from `top` down to (not including) `base` allocate, then make `base` the
  * backing image of `top`'s overlays and drop the committed images.
  *
- * Set-up (startCommit): the caller has resolved top and base (base below
- * top). A read-only base is made writable first (block/chain.ts
- * reopenReadWrite, as QEMU reopens it read-write). The job holds a reading
- * edge on top and a writing, resizing edge on base.
+ * Set-up (startCommit, in commit_start's order): the caller has resolved
+ * top and base (base below top). The job is created, a read-only base is
+ * made writable (block/chain.ts reopenReadWrite, as QEMU reopens it
+ * read-write), then a `commit_top` filter (drivers/commit-top.ts; named
+ * `filter-node-name`, else automatically) is inserted above top: the
+ * overlays of top now read through it. The job holds a reading edge on top
+ * and a writing, resizing edge on base.
  *
  * Run: the base grows to top's length if it is shorter (never shrinks);
  * then chain-copy.ts's loop asks block status from top down to base for
@@ -17,13 +20,14 @@
  * whole length, and a stretch that was not copied costs no rate budget.
  *
  * Prepare (after success; bdrv_drop_intermediate): each overlay of top —
- * a node whose backing edge points at top — gets its header rewritten to
+ * a node whose backing edge points at the filter — gets its header rewritten to
  * name `backingFile` if given, else the base's filename, with the base's
- * format, and its backing edge moved to base; the committed images, which
- * nothing references any more, are closed. The committed images are no
- * longer consistent views (base changed under them), as in QEMU. On failure
- * or cancel the graph is left alone: base holds a mix, top still reads the
- * same.
+ * format, and its backing edge moved to base; the filter and the committed
+ * images, which nothing references any more, are closed. The committed
+ * images are no longer consistent views (base changed under them), as in
+ * QEMU. On failure or cancel the filter is taken out (its parents move back
+ * onto top) and the graph is otherwise left alone: base holds a mix, top
+ * still reads the same.
  *
  * Active commit (top is the device's active layer) is mirror's business:
  * jobs/mirror.ts.
@@ -33,15 +37,18 @@ import { Perm } from '../block/flags.js';
 import { truncate } from '../block/io.js';
 import { attachChild, BlockNode, ChildRole, detachChild, replaceChildNode, TransientParent, type BdrvChild } from '../block/node.js';
 import { blockStatusAbove } from '../block/status.js';
+import { insertCommitTop, removeCommitTop } from '../drivers/commit-top.js';
 import { runChainCopy } from './chain-copy.js';
 import type { Job, JobDriver, OnErrorPolicy } from './job.js';
-import { createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
+import { claimNodes, createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
 
 export interface CommitOptions extends BlockJobOptions {
   top: BlockNode;
   base: BlockNode;
   backingFile?: string;
   onError?: OnErrorPolicy;
+  /** Node name of the commit_top filter (default: automatic). */
+  filterNodeName?: string;
 }
 
 interface CommitState {
@@ -50,6 +57,7 @@ interface CommitState {
   base: BlockNode;
   backingFile: string | undefined;
   onError: OnErrorPolicy;
+  filter: BlockNode | null;
   topEdge: BdrvChild | null;
   baseEdge: BdrvChild | null;
 }
@@ -57,15 +65,19 @@ interface CommitState {
 /** Creates and starts an intermediate commit job (see the note at the top). */
 export async function startCommit(ctx: JobContext, opts: CommitOptions): Promise<Job> {
   ctx.jobs.checkNewId(opts.jobId);
-  const base = opts.base.readOnly ? await reopenReadWrite(ctx.graph, opts.base) : opts.base;
-  const s: CommitState = { ctx, top: opts.top, base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', topEdge: null, baseEdge: null };
-  const job = createBlockJob(ctx, commitDriver(s), opts, [opts.top, base]);
-  const parent = new TransientParent(`block job '${opts.jobId}'`);
+  const s: CommitState = { ctx, top: opts.top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, topEdge: null, baseEdge: null };
+  const job = createBlockJob(ctx, commitDriver(s), opts, [opts.top, opts.base]);
   try {
+    if (s.base.readOnly) {
+      s.base = await reopenReadWrite(ctx.graph, s.base);
+      claimNodes(job, [s.base]);
+    }
+    s.filter = await insertCommitTop(ctx.graph, s.top, opts.filterNodeName);
+    const parent = new TransientParent(`block job '${opts.jobId}'`);
     s.topEdge = attachChild(parent, 'commit top', 0, s.top, Perm.CONSISTENT_READ, Perm.ALL);
-    s.baseEdge = attachChild(parent, 'commit base', 0, base, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.ALL);
+    s.baseEdge = attachChild(parent, 'commit base', 0, s.base, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.ALL);
   } catch (e) {
-    releaseEdges(s);
+    await releaseEdges(s);
     job.earlyFail();
     throw e;
   }
@@ -73,10 +85,14 @@ export async function startCommit(ctx: JobContext, opts: CommitOptions): Promise
   return job;
 }
 
-function releaseEdges(s: CommitState): void {
+/** The job's edges go, and the filter if prepare did not drop it (commit_abort, commit_clean). */
+async function releaseEdges(s: CommitState): Promise<void> {
   if (s.topEdge) detachChild(s.topEdge);
   if (s.baseEdge) detachChild(s.baseEdge);
   s.topEdge = s.baseEdge = null;
+  const filter = s.filter;
+  s.filter = null;
+  if (filter) await removeCommitTop(s.ctx.graph, filter);
 }
 
 function commitDriver(s: CommitState): JobDriver {
@@ -97,7 +113,6 @@ async function commitRun(job: Job, s: CommitState): Promise<void> {
     lengthBytes,
     onError: s.onError,
     ignoreMeans: 'retry',
-    zeroesAsWriteZeroes: false,
     decide: async (offset, maxBytes) => {
       const st = await blockStatusAbove(s.top, s.base, offset, maxBytes, false);
       return { copy: st.depth > 0, bytes: st.pnum };
@@ -110,15 +125,20 @@ function overlayEdges(node: BlockNode): BdrvChild[] {
   return node.parents.filter((e) => e.role & ChildRole.COW && e.parent instanceof BlockNode);
 }
 
-/** bdrv_drop_intermediate: overlays of top now back onto base; the committed images close. */
+/** bdrv_drop_intermediate: overlays of top (now the filter's parents) back onto base; the filter and the committed images close. */
 async function dropIntermediate(s: CommitState): Promise<void> {
   const base = s.base.skipFilters();
   const name = s.backingFile ?? base.filename;
-  for (const edge of overlayEdges(s.top)) {
+  const above = s.filter ?? s.top;
+  for (const edge of overlayEdges(above)) {
     await changeBackingFile(edge.parent as BlockNode, name, base.driver.name, false);
     replaceChildNode(edge, s.base);
   }
   if (s.topEdge) detachChild(s.topEdge);
   s.topEdge = null;
+  if (s.filter && s.filter.parents.length === 0) {
+    await s.ctx.graph.closeNode(s.filter);
+    s.filter = null;
+  }
   await s.ctx.graph.unref(s.top);
 }

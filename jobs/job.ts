@@ -15,9 +15,18 @@
  * (only without auto-finalize), _COMPLETED (with `error` when it failed),
  * _CANCELLED and _ERROR, with `device` = the job id.
  *
- * Pausing is cooperative: a verb only counts (pauseCount); the job's own
- * loop notices at its next pause point (`pausePoint`, also inside
- * `rateLimit` sleeps) and waits there in paused/standby. Cancel is a flag
+ * Pausing is cooperative, as QEMU's job_pause/job_resume: a pause only
+ * counts (pauseCount) and wakes the job if it sleeps (job_enter); the job's
+ * own loop notices at its next pause point (`pausePoint`, also after
+ * `rateLimit` sleeps) and waits there in paused/standby until the count is
+ * back at 0 (or a cancel enters it). The count has two sources: the user's
+ * pause (job-pause, an error with policy stop) and drains — the job holds
+ * its nodes (`holdNode`, QEMU's child_job edges) and a drained section of
+ * any of them or of a node below pauses it for as long as it lasts
+ * (child_job_drained_begin/end); the drain waits until the job is not busy
+ * (child_job_drained_poll). So every drained section of a node a running
+ * job uses shows as a paused/running (standby/ready) pair, as in QEMU. A
+ * drain the job itself holds (mirror's completion) never stops it. Cancel is a flag
  * the loop polls: `isCancelled()` is a hard cancel (stop now, abort);
  * `cancelRequested()` also sees a soft cancel — a mirror cancelled after
  * READY without `force` finishes cleanly without pivoting, and the job
@@ -29,6 +38,7 @@
  */
 import { Bucket, ThrottleState, WRITE, emptyThrottleConfig } from '../block/throttle.js';
 import { BlockError, toBlockError } from '../block/errors.js';
+import type { BlockNode, EdgeParent } from '../block/node.js';
 import { canTransition, verbAllowed, type JobStatus, type JobType, type JobVerb } from './job-tables.js';
 
 /** A user error of a job verb or of job creation (QMP GenericError). */
@@ -61,6 +71,8 @@ export interface JobDriver {
   clean?(job: Job): Promise<void> | void;
   /** Extra BlockJobInfo members (mirror's `actively-synced`). */
   blockInfo?(job: Job): Record<string, unknown>;
+  /** A pause wants the loop at its next pause point: end the kind's own idle wait (a sleeping job's job_enter). */
+  kick?(job: Job): void;
 }
 
 export interface JobOptions {
@@ -105,7 +117,7 @@ export class SpeedLimit {
 /** Job types reported as block jobs (query-block-jobs, BLOCK_JOB_* events). */
 const BLOCK_JOB_TYPES: readonly JobType[] = ['commit', 'stream', 'mirror', 'backup'];
 
-export class Job {
+export class Job implements EdgeParent {
   readonly id: string;
   readonly type: JobType;
   status: JobStatus = 'undefined';
@@ -119,6 +131,14 @@ export class Job {
   pauseCount = 1;
   userPaused = false;
   busy = false;
+  /** Waiting at a pause point (QEMU's job->paused). */
+  private paused = false;
+  /** Asleep with a timer (job_sleep_ns; QEMU's sleep_timer pending). */
+  private sleeping = false;
+  /** Drains the job itself holds (mirror's completion drain): no pause point stops it meanwhile. */
+  private ownDrains = 0;
+  /** Resolve when the job stops being busy (a drain waiting for it). */
+  private idleWaiters: Array<() => void> = [];
   ioStatus: IoStatus = 'ok';
   /** The failure, once the job has one (QEMU's job->err). */
   error: string | undefined;
@@ -128,7 +148,7 @@ export class Job {
   /** Cancelled before start: QEMU emits no end event and dismisses it at once. */
   private cancelledUnstarted = false;
   private finished = false;
-  /** Wakes a sleeping or paused job (job_enter). */
+  /** Ends the job's current yield (sleep or pause point); set only while it yields. */
   private wake: (() => void) | null = null;
   /** Resolves when the job reaches null (or concluded without auto-dismiss). */
   private settledWaiters: Array<() => void> = [];
@@ -196,6 +216,7 @@ export class Job {
     this.pauseCount--;
     this.busy = true;
     this.transition('running');
+    // Runs synchronously up to the first pause point: a job started inside a drained section pauses now, as in QEMU.
     void this.runToEnd();
   }
 
@@ -216,7 +237,7 @@ export class Job {
     } catch (e) {
       failure = toBlockError(e);
     }
-    this.busy = false;
+    this.setBusy(false);
     if (failure) this.error = failure.message;
     else if (this.isCancelled()) this.error = new BlockError('ECANCELED').message;
     if (this.error !== undefined) await this.abortAndConclude();
@@ -322,17 +343,26 @@ export class Job {
     this.emitEvent('BLOCK_JOB_READY', { type: this.type, device: this.id, ...this.lenOffsetSpeed() });
   }
 
-  /** Waits while the job should pause (paused, or standby when ready); returns at once otherwise. */
+  /** Whether a pause point should stop the job now (job_should_pause, and not inside its own drain). */
+  private shouldPause(): boolean {
+    return this.pauseCount > 0 && this.ownDrains === 0;
+  }
+
+  /**
+   * job_pause_point: when a pause is pending, waits in paused (standby when
+   * ready) until entered (resumed to 0, or cancelled), then returns to the
+   * status it had; returns at once otherwise.
+   */
   async pausePoint(): Promise<void> {
-    while (this.pauseCount > 0 && !this.isCancelled()) {
-      const wasReady = this.isReady();
-      this.transition(wasReady ? 'standby' : 'paused');
-      this.busy = false;
-      await new Promise<void>((resolve) => (this.wake = resolve));
-      this.wake = null;
-      this.busy = true;
-      this.transition(wasReady ? 'ready' : 'running');
-    }
+    if (!this.shouldPause() || this.isCancelled()) return;
+    const back = this.status;
+    this.transition(this.isReady() ? 'standby' : 'paused');
+    this.paused = true;
+    // The status comes back in enter() itself, as QEMU's coroutine runs on at once.
+    await this.yieldUntilEntered(null, () => {
+      this.paused = false;
+      this.transition(back);
+    });
   }
 
   /** Accounts `bytes` just copied against the speed limit; sleeps as long as it says, then a pause point. */
@@ -342,25 +372,121 @@ export class Job {
     await this.pausePoint();
   }
 
-  /** Sleeps `ms` unless cancelled; a verb (resume, cancel, set-speed) wakes it early. */
+  /** Sleeps `ms` unless cancelled; a verb (pause, resume, cancel, set-speed) wakes it early. */
   async sleep(ms: number): Promise<void> {
     // A pending pause skips the sleep, as QEMU's job_sleep_ns: the caller's pause point comes next.
-    if (this.isCancelled() || this.pauseCount > 0) return;
-    this.busy = false;
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(done, ms);
-      function done(): void {
-        clearTimeout(timer);
-        resolve();
-      }
-      this.wake = done;
-    });
-    this.wake = null;
-    this.busy = true;
+    if (this.isCancelled() || this.shouldPause()) return;
+    await this.yieldUntilEntered(ms);
   }
 
-  private kick(): void {
-    this.wake?.();
+  /** job_do_yield: not busy until entered (by a verb, a resume, or the timer after `ms`). */
+  private yieldUntilEntered(ms: number | null, onEnter?: () => void): Promise<void> {
+    this.setBusy(false);
+    return new Promise<void>((resolve) => {
+      const timer = ms === null ? null : setTimeout(() => this.enter(), ms);
+      this.sleeping = timer !== null;
+      this.wake = () => {
+        if (timer) clearTimeout(timer);
+        this.wake = null;
+        this.sleeping = false;
+        onEnter?.();
+        resolve();
+      };
+    });
+  }
+
+  /**
+   * job_enter_cond: wakes the job if it yields (asleep or at a pause point)
+   * and `only` agrees; a busy job, one not started or one whose run is over
+   * is left alone.
+   */
+  private enter(only: (sleeping: boolean) => boolean = () => true): void {
+    if (!this.wake || this.busy || !only(this.sleeping)) return;
+    this.busy = true;
+    this.wake();
+  }
+
+  private setBusy(busy: boolean): void {
+    this.busy = busy;
+    if (busy || this.idleWaiters.length === 0) return;
+    for (const w of this.idleWaiters.splice(0)) w();
+  }
+
+  /** job_pause: one more reason to pause; a job not at a pause point is woken to reach one. */
+  private pauseOnce(): void {
+    this.pauseCount++;
+    if (this.paused) return;
+    this.enter();
+    this.driver.kick?.(this);
+  }
+
+  /** job_resume: one reason fewer; at 0 a paused job goes on (a sleeping one keeps its timer). */
+  private resumeOnce(): void {
+    if (this.pauseCount <= 0) throw new Error(`job ${this.id}: resumed more often than paused`);
+    if (--this.pauseCount === 0) this.enter((sleeping) => !sleeping);
+  }
+
+  // ------------------------------------------------------------ nodes held (QEMU's child_job edges)
+
+  describe(): string {
+    return `${this.type} job '${this.id}'`;
+  }
+
+  /** child_job_drained_poll: busy (running between pause points) counts as a request in flight. */
+  get inFlight(): number {
+    return this.busy && this.ownDrains === 0 && !this.finished ? 1 : 0;
+  }
+
+  waitIdle(): Promise<void> {
+    if (this.inFlight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
+  /** A drain reached a node the job holds (child_job_drained_begin). */
+  drainedBegin(): void {
+    this.pauseOnce();
+  }
+
+  /** child_job_drained_end. */
+  drainedEnd(): void {
+    this.resumeOnce();
+  }
+
+  /**
+   * Holds `node` until the job concludes (block_job_add_bdrv's edge): drains
+   * of it pause the job; a node drained already pauses it at once, and
+   * letting go ends what it still carries.
+   */
+  holdNode(node: BlockNode): void {
+    if (node.holders.includes(this)) return;
+    node.holders.push(this);
+    for (let i = 0; i < node.quiesceCounter; i++) this.pauseOnce();
+    this.addCleanup(() => {
+      const at = node.holders.indexOf(this);
+      if (at < 0) return;
+      node.holders.splice(at, 1);
+      for (let i = 0; i < node.quiesceCounter; i++) this.resumeOnce();
+    });
+  }
+
+  /**
+   * Runs `drain` (a drainedBegin or drainedEnd the job issues itself, on a
+   * node it may hold) without waiting for itself and without ever stopping
+   * at a pause point while the drain is held, as QEMU's mirror (in_drain).
+   */
+  async ownDrainBegin(drain: () => Promise<void>): Promise<void> {
+    this.ownDrains++;
+    try {
+      await drain();
+    } catch (e) {
+      this.ownDrains--;
+      throw e;
+    }
+  }
+
+  ownDrainEnd(drainEnd: () => void): void {
+    drainEnd();
+    this.ownDrains--;
   }
 
   /**
@@ -404,9 +530,7 @@ export class Job {
     this.checkVerb('pause');
     if (this.userPaused) throw new JobError('Job is already paused');
     this.userPaused = true;
-    this.pauseCount++;
-    // Wake a sleeping job so it reaches its pause point now (job_pause_locked's job_enter).
-    this.kick();
+    this.pauseOnce();
   }
 
   resume(): void {
@@ -414,8 +538,7 @@ export class Job {
     if (!this.userPaused) throw new JobError("Can't resume a job that was not paused");
     this.userPaused = false;
     this.ioStatus = 'ok';
-    this.pauseCount--;
-    this.kick();
+    this.resumeOnce();
   }
 
   setSpeed(bytesPerSecond: number): void {
@@ -424,16 +547,18 @@ export class Job {
     const faster = bytesPerSecond === 0 || (this.speed !== 0 && bytesPerSecond > this.speed);
     this.speed = bytesPerSecond;
     this.limit.setSpeed(bytesPerSecond);
-    if (faster) this.kick();
+    // Kick only a job asleep on its timer (block_job_set_speed).
+    if (faster) this.enter((sleeping) => sleeping);
   }
 
   complete(): void {
     this.checkVerb('complete');
+    // QEMU 6.1+ completes paused jobs too (standby in the verb table, no pause_count check).
     if (this.cancelFlag || !this.driver.complete) {
       throw new JobError(`The active block job '${this.id}' cannot be completed`);
     }
     this.driver.complete(this);
-    this.kick();
+    if (!this.paused) this.enter();
   }
 
   change(args: Record<string, unknown>): void {
@@ -454,6 +579,7 @@ export class Job {
     }
     const hard = this.driver.cancel ? this.driver.cancel(this, force) : true;
     if (this.userPaused) {
+      // No enter here (job_cancel_async): the one below wakes the job.
       this.userPaused = false;
       this.pauseCount--;
       this.ioStatus = 'ok';
@@ -468,7 +594,7 @@ export class Job {
       void this.runToEnd();
       return;
     }
-    this.kick();
+    this.enter();
   }
 
   finalize(): void {

@@ -336,7 +336,8 @@ export class Mirror implements JobDriver, MirrorTopHooks {
         }
       }
       if (this.finalPhaseDue(dirty)) {
-        await drainedBegin(this.source);
+        // Our own drain: it pauses other jobs on the source's ancestors, never this one.
+        await job.ownDrainBegin(() => drainedBegin(this.source));
         this.drainHeld = true;
         continue;
       }
@@ -463,6 +464,11 @@ export class Mirror implements JobDriver, MirrorTopHooks {
     this.wake();
   }
 
+  /** A pause wants the loop at its pause point: the idle wait ends (QEMU's mirror sleeps there). */
+  kick(): void {
+    this.wake();
+  }
+
   cancel(job: Job, force: boolean): boolean {
     this.wake();
     return force || !job.isReady();
@@ -512,7 +518,7 @@ export class Mirror implements JobDriver, MirrorTopHooks {
       }
     } finally {
       drainedEnd(this.target);
-      if (this.drainHeld) drainedEnd(this.source);
+      if (this.drainHeld) this.job.ownDrainEnd(() => drainedEnd(this.source));
       this.drainHeld = false;
     }
     await this.graph.closeNode(this.filter);
@@ -575,6 +581,8 @@ export async function startMirrorJob(ctx: MirrorCtx, opts: MirrorOptions, kind: 
     job.earlyFail();
     throw e;
   }
+  // The filter is the job's main node in QEMU (block_job_create on mirror_top).
+  job.holdNode(mirror.filter);
   job.start();
   return job;
 }

@@ -1,44 +1,52 @@
 /*
- * The stream job (QEMU's block/stream.c, block-stream): pull into the
+ * The stream job (QEMU 7.2's block/stream.c, block-stream): pull into the
  * device everything the images between it and `base` allocate, then make
  * `base` the device's backing image.
  *
- * Set-up (startStream): the caller has resolved the device and the base
- * (null: the whole chain, so the device ends with no backing image). The
- * job holds one edge on the device's image (filters skipped) that reads
- * consistently and writes only unchanged data (WRITE_UNCHANGED: streaming
- * never changes what the guest sees), sharing what QEMU's job shares
- * (consistent read, write, write unchanged; not resize, since the length is
- * read once at the start).
+ * Set-up (startStream, in stream_start's order): the caller has resolved
+ * the device and the base (null: the whole chain, so the device ends with
+ * no backing image). A read-only device image is made writable
+ * (block/chain.ts reopenReadWrite; it is not made read-only again). A
+ * copy-on-read filter (drivers/copy-on-read.ts) is inserted above the
+ * device — named `filter-node-name`, else automatically (`#blockNNN`, as
+ * QEMU's implicit filter) — with `bottom` the lowest image streamed from
+ * (the base's overlay), and every user of the device (exports, parents)
+ * moves onto it, so their reads copy too. Then the job is created (an
+ * error there takes the filter out again). The job reads through the
+ * filter (consistent read, sharing what QEMU's job shares: consistent
+ * read, write, write unchanged; not resize, since the length is read once)
+ * and holds a blocker edge on the device image sharing the same.
  *
  * Run: chain-copy.ts's loop. A stretch the device allocates itself is
  * skipped; otherwise block status of the backing chain down to (not
  * including) the base says whether an intermediate image allocates it, and
- * only then is it read through the device and written into it (zeroes as
- * write-zeroes, like QEMU's copy-on-read). Cost grows with the allocated
- * data. Nothing to stream (the base is already the backing image) ends at
- * once with length 0.
+ * only then is it read through the filter with Req.PREFETCH: the filter
+ * turns that into a copy-on-read of the device (block/copy-on-read-io.ts:
+ * cluster-aligned, zeroes as write-zeroes, WRITE_UNCHANGED), so a guest
+ * read and the job never copy the same cluster twice. Every failure is a
+ * read failure, as in QEMU. Cost grows with the allocated data. Nothing to
+ * stream (the base is already the backing image) ends at once with
+ * length 0.
  *
- * Prepare (the point of no return, after success): the device's backing
- * edge moves to the base (or is dropped), the image header is rewritten to
- * name `backingFile` if given, else the base's filename, with the base's
- * format — QEMU does this even when there was nothing to stream — and the
+ * Prepare (the point of no return, after success): the filter is taken
+ * out (its users move back onto the device), the device's backing edge
+ * moves to the base (or is dropped), the image header is rewritten to name
+ * `backingFile` if given, else the base's filename, with the base's format
+ * — QEMU does this even when there was nothing to stream — and the
  * intermediate images, which nothing references any more, are closed
- * (they stay valid images on disk). On failure or cancel the chain is left
- * as it was; whatever was copied is already in the device and harmless.
- *
- * Left out: QEMU 6.0+ inserts a copy-on-read filter node above the device
- * (`filter-node-name`) so guest reads help; here guest reads do not copy,
- * and no filter node appears in the graph. A read-only device is made
- * writable (block/chain.ts reopenReadWrite) and is not made read-only again.
+ * (they stay valid images on disk). Clean (after success, failure or
+ * cancel) takes the filter out if it is still there and drops the job's
+ * edges; on failure or cancel the chain is left as it was, and whatever
+ * was copied is already in the device and harmless.
  */
 import { backingChainNext, changeBackingFile, reopenReadWrite } from '../block/chain.js';
-import { Perm } from '../block/flags.js';
+import { Perm, Req } from '../block/flags.js';
 import type { BlockGraph } from '../block/graph.js';
 import { attachChild, detachChild, replaceChildNode, TransientParent, type BdrvChild, type BlockNode } from '../block/node.js';
 import { blockStatusAbove, isAllocated } from '../block/status.js';
+import { dropCopyOnRead, insertCopyOnRead } from '../drivers/copy-on-read.js';
 import { runChainCopy } from './chain-copy.js';
-import { createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
+import { checkNodesFree, createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
 import type { Job, JobDriver, OnErrorPolicy } from './job.js';
 
 /** What the job shares with other users of the device (QEMU's basic flags | WRITE). */
@@ -51,23 +59,8 @@ export interface StreamOptions extends BlockJobOptions {
   /** The backing file name written into the header (default: the base's filename). */
   backingFile?: string;
   onError?: OnErrorPolicy;
-}
-
-/** Creates and starts a stream job (see the note at the top). */
-export async function startStream(ctx: JobContext, opts: StreamOptions): Promise<Job> {
-  ctx.jobs.checkNewId(opts.jobId);
-  let top = opts.device.skipFilters();
-  if (top.readOnly) top = await reopenReadWrite(ctx.graph, top);
-  const state: StreamState = { graph: ctx.graph, top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', edge: null };
-  const job = createBlockJob(ctx, streamDriver(state), opts, [opts.device, top]);
-  try {
-    state.edge = attachChild(new TransientParent(`block job '${opts.jobId}'`), 'stream', 0, top, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED, STREAM_SHARED);
-  } catch (e) {
-    job.earlyFail();
-    throw e;
-  }
-  job.start();
-  return job;
+  /** Node name of the copy-on-read filter (default: automatic). */
+  filterNodeName?: string;
 }
 
 interface StreamState {
@@ -76,7 +69,60 @@ interface StreamState {
   base: BlockNode | null;
   backingFile: string | undefined;
   onError: OnErrorPolicy;
-  edge: BdrvChild | null;
+  filter: BlockNode | null;
+  /** The job's reading edge on the filter. */
+  readEdge: BdrvChild | null;
+  /** The job's blocker edge on the device image (block_job_add_bdrv "active node"). */
+  topEdge: BdrvChild | null;
+}
+
+/** The lowest image above `base` in the chain below `top` (bdrv_find_overlay); `top` when base is its backing. */
+function baseOverlay(top: BlockNode, base: BlockNode | null): BlockNode {
+  let overlay = top;
+  for (let n = backingChainNext(top); n && n !== base?.skipFilters(); n = backingChainNext(n)) overlay = n;
+  return overlay;
+}
+
+/** Creates and starts a stream job (see the note at the top). */
+export async function startStream(ctx: JobContext, opts: StreamOptions): Promise<Job> {
+  checkNodesFree([opts.device]);
+  const original = opts.device.skipFilters();
+  const top = original.readOnly ? await reopenReadWrite(ctx.graph, original) : original;
+  const device = opts.device === original ? top : opts.device;
+  const filter = await insertCopyOnRead(ctx.graph, device, baseOverlay(top, opts.base), opts.filterNodeName);
+  const s: StreamState = { graph: ctx.graph, top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter, readEdge: null, topEdge: null };
+  let job: Job;
+  try {
+    ctx.jobs.checkNewId(opts.jobId);
+    job = createBlockJob(ctx, streamDriver(s), opts, [filter, device, top]);
+  } catch (e) {
+    await dropFilter(s);
+    throw e;
+  }
+  try {
+    const parent = new TransientParent(`block job '${opts.jobId}'`);
+    s.readEdge = attachChild(parent, 'stream', 0, filter, Perm.CONSISTENT_READ, STREAM_SHARED);
+    s.topEdge = attachChild(parent, 'active node', 0, top, 0, STREAM_SHARED);
+  } catch (e) {
+    await streamClean(s);
+    job.earlyFail();
+    throw e;
+  }
+  job.start();
+  return job;
+}
+
+async function dropFilter(s: StreamState): Promise<void> {
+  const filter = s.filter;
+  s.filter = null;
+  if (filter) await dropCopyOnRead(s.graph, filter);
+}
+
+/** stream_clean: the job's edges go, and the filter if prepare did not take it out. */
+async function streamClean(s: StreamState): Promise<void> {
+  for (const edge of [s.readEdge, s.topEdge]) if (edge) detachChild(edge);
+  s.readEdge = s.topEdge = null;
+  await dropFilter(s);
 }
 
 function streamDriver(s: StreamState): JobDriver {
@@ -84,10 +130,7 @@ function streamDriver(s: StreamState): JobDriver {
     type: 'stream',
     run: (job) => streamRun(job, s),
     prepare: () => streamPrepare(s),
-    clean: () => {
-      if (s.edge) detachChild(s.edge);
-      s.edge = null;
-    },
+    clean: () => streamClean(s),
   };
 }
 
@@ -95,12 +138,12 @@ async function streamRun(job: Job, s: StreamState): Promise<void> {
   const below = backingChainNext(s.top);
   if (below === s.base || !below) return;
   await runChainCopy(job, {
-    read: s.edge!,
-    write: s.edge!,
+    read: s.readEdge!,
+    readFlags: Req.PREFETCH,
+    write: null,
     lengthBytes: s.top.totalBytes,
     onError: s.onError,
     ignoreMeans: 'skip',
-    zeroesAsWriteZeroes: true,
     decide: async (offset, maxBytes) => {
       const own = await isAllocated(s.top, offset, maxBytes);
       if (own.allocated) return { copy: false, bytes: own.pnum };
@@ -112,8 +155,11 @@ async function streamRun(job: Job, s: StreamState): Promise<void> {
   });
 }
 
-/** stream_prepare: rewire the backing edge, rewrite the header, close what dropped out. */
+/** stream_prepare: the filter goes, then rewire the backing edge, rewrite the header, close what dropped out. */
 async function streamPrepare(s: StreamState): Promise<void> {
+  if (s.readEdge) detachChild(s.readEdge);
+  s.readEdge = null;
+  await dropFilter(s);
   const backing = s.top.cowChild;
   if (!backing) return;
   const base = s.base?.skipFilters() ?? null;

@@ -7,26 +7,28 @@
  * texts (a bitmap sync needs a bitmap; incremental is bitmap with
  * bitmap-mode on-success; a bitmap needs a bitmap-mode, and never is
  * useless unless the sync reads the bitmap; none produces no bitmap
- * output), then jobs/backup.ts sets the job up inside a drained section of
- * the source, so no write slips between the filter's insertion and the
- * bitmaps' freezing.
+ * output). It is a transaction of one action, as in QEMU (blockdev_do_action).
  *
- * transaction runs its actions as QEMU does, all-or-nothing: every node an
- * action names is drained first; each action's prepare runs in order and
- * records how to undo itself; if one fails, the ones before are undone in
- * reverse (a backup job set up but not started is cancelled, which takes
- * its filter out and thaws its bitmap) and the failure is the command's
- * error; otherwise each is committed (backup jobs start) and the drains
- * end. Everything the actions change therefore happens at one point in
- * time for the guest. Actions: block-dirty-bitmap-add/-clear/-merge/
- * -enable/-disable, blockdev-backup, abort. `properties.completion-mode`
- * grouped is refused as QEMU refuses it for bitmap actions.
+ * transaction runs its actions as qmp_transaction does, all-or-nothing:
+ * the whole graph is drained once (bdrv_drain_all: every running job
+ * pauses and resumes); each action's prepare runs in order and records how
+ * to undo itself and what to clean; a backup drains its source from before
+ * its checks until the clean step, so no write slips between the filter's
+ * insertion and the bitmaps' freezing, and the job it creates starts
+ * inside that drained section (so it pauses at once, and runs on when the
+ * clean step ends the drain — QEMU's paused/running pair after running).
+ * If a prepare fails, the ones before are undone in reverse (a backup job
+ * set up but not started is cancelled, which takes its filter out and
+ * thaws its bitmap) and the failure is the command's error; otherwise each
+ * is committed (backup jobs start). Then every clean runs in order.
+ * Actions: block-dirty-bitmap-add/-clear/-merge/-enable/-disable,
+ * blockdev-backup, abort. `properties.completion-mode` grouped is refused
+ * by each bitmap action's prepare, as QEMU's.
  */
 import { z } from 'zod';
-import { drainedBegin, drainedEnd } from '../block/drain.js';
+import { drainAll, drainedBegin, drainedEnd } from '../block/drain.js';
 import { bitmapAdd, bitmapClear, bitmapMerge, bitmapSetEnabled, lookupDirtyBitmap, type MergeSource } from '../block/dirty-bitmap-ops.js';
 import { BitmapCheck, releaseDirtyBitmap, requireBitmap, type DirtyBitmap } from '../block/dirty-bitmap.js';
-import type { BlockNode } from '../block/node.js';
 import { createBackup, type BackupOptions, type BackupSync } from '../jobs/backup.js';
 import type { Job } from '../jobs/job.js';
 import type { JobContext } from '../jobs/block-job.js';
@@ -126,11 +128,17 @@ interface Prepared {
 
 const nothing = (): void => {};
 
+/** What a transaction's actions share: the context, and the clean steps run at the end, success or not. */
+interface TransactionRun {
+  ctx: BackupContext;
+  cleans: Array<() => void>;
+}
+
 interface ActionDef<S extends z.ZodType> {
   args: S;
-  /** Nodes the action touches (drained for the whole transaction). */
-  nodes(ctx: BackupContext, a: z.infer<S>): BlockNode[];
-  prepare(ctx: BackupContext, a: z.infer<S>): Promise<Prepared>;
+  /** Refused with completion-mode grouped (the bitmap actions). */
+  individualOnly?: boolean;
+  prepare(run: TransactionRun, a: z.infer<S>): Promise<Prepared>;
 }
 
 function action<S extends z.ZodType>(def: ActionDef<S>): ActionDef<z.ZodType> {
@@ -141,8 +149,8 @@ function action<S extends z.ZodType>(def: ActionDef<S>): ActionDef<z.ZodType> {
 function bitsAction(change: (ctx: BackupContext, a: { node: string; name: string }) => void, args: z.ZodType) {
   return action({
     args,
-    nodes: (ctx, a: { node: string }) => [ctx.graph.node(a.node)],
-    async prepare(ctx, a: { node: string; name: string }) {
+    individualOnly: true,
+    async prepare({ ctx }, a: { node: string; name: string }) {
       const bm = lookupDirtyBitmap(ctx.graph.node(a.node), a.name);
       const saved = bm.copyBits(null);
       change(ctx, a);
@@ -160,8 +168,8 @@ function bitsAction(change: (ctx: BackupContext, a: { node: string; name: string
 function enableAction(enabled: boolean) {
   return action({
     args: bitmapArgs,
-    nodes: (ctx, a) => [ctx.graph.node(a.node)],
-    async prepare(ctx, a) {
+    individualOnly: true,
+    async prepare({ ctx }, a) {
       const node = ctx.graph.node(a.node);
       const bm = lookupDirtyBitmap(node, a.name);
       const was = bm.disabled;
@@ -179,15 +187,14 @@ function mergeSources(ctx: BackupContext, a: MergeArgs): MergeSource[] {
 const ACTIONS: Record<string, ActionDef<z.ZodType>> = {
   abort: action({
     args: z.strictObject({}),
-    nodes: () => [],
     prepare: async () => {
       throw genericError('Transaction aborted using Abort action');
     },
   }),
   'block-dirty-bitmap-add': action({
     args: bitmapAddArgs,
-    nodes: (ctx, a) => [ctx.graph.node(a.node)],
-    async prepare(ctx, a) {
+    individualOnly: true,
+    async prepare({ ctx }, a) {
       const node = ctx.graph.node(a.node);
       const bm = await bitmapAdd(node, { name: a.name, granularityBytes: a.granularity, persistent: a.persistent, disabled: a.disabled });
       return { commit: nothing, abort: () => releaseDirtyBitmap(node, bm) };
@@ -202,8 +209,12 @@ const ACTIONS: Record<string, ActionDef<z.ZodType>> = {
   'block-dirty-bitmap-disable': enableAction(false),
   'blockdev-backup': action({
     args: backupArgs,
-    nodes: (ctx, a) => [ctx.graph.node(a.device)],
-    async prepare(ctx, a) {
+    async prepare({ ctx, cleans }, a) {
+      // blockdev_backup_prepare: the lookups, then the source drained until clean, then do_backup_common.
+      const source = ctx.graph.node(a.device);
+      ctx.graph.node(a.target);
+      await drainedBegin(source);
+      cleans.push(() => drainedEnd(source));
       const job: Job = await createBackup(ctx, backupOptions(ctx, a));
       return {
         commit: () => job.start(),
@@ -232,46 +243,37 @@ function parseActions(actions: z.infer<typeof transactionArgs>['actions']): Arra
   });
 }
 
-async function runTransaction(ctx: BackupContext, a: z.infer<typeof transactionArgs>): Promise<object> {
-  const actions = parseActions(a.actions);
-  if (a.properties?.['completion-mode'] === 'grouped') {
-    const bitmapAction = actions.find((x) => x.type !== 'blockdev-backup');
-    if (bitmapAction) throw genericError(`Action '${bitmapAction.type}' does not support Transaction property completion-mode = grouped`);
-  }
-  const drained = new Set<BlockNode>();
+type ParsedAction = ReturnType<typeof parseActions>[number];
+
+/** qmp_transaction (see the note at the top). */
+async function runActions(ctx: BackupContext, actions: ParsedAction[], grouped = false): Promise<object> {
+  await drainAll([...ctx.graph.nodes.values()]);
+  const run: TransactionRun = { ctx, cleans: [] };
   const prepared: Prepared[] = [];
   try {
-    const touched = new Set(actions.flatMap((act) => act.def.nodes(ctx, act.data)));
-    for (const node of touched) {
-      await drainedBegin(node);
-      drained.add(node);
+    for (const act of actions) {
+      if (grouped && act.def.individualOnly) throw genericError(`Action '${act.type}' does not support Transaction property completion-mode = grouped`);
+      prepared.push(await act.def.prepare(run, act.data));
     }
-    for (const act of actions) prepared.push(await act.def.prepare(ctx, act.data));
     for (const p of prepared) p.commit();
   } catch (e) {
     for (const p of prepared.reverse()) await p.abort();
     throw e;
   } finally {
-    for (const node of drained) drainedEnd(node);
+    for (const clean of run.cleans) clean();
   }
   return {};
+}
+
+function runTransaction(ctx: BackupContext, a: z.infer<typeof transactionArgs>): Promise<object> {
+  return runActions(ctx, parseActions(a.actions), a.properties?.['completion-mode'] === 'grouped');
 }
 
 export const backupCommands: QmpCommand<BackupContext>[] = [
   defineCommand({
     name: 'blockdev-backup',
     args: backupArgs,
-    run: (ctx: BackupContext, a: BackupArgs) =>
-      asQmp(async () => {
-        const opts = backupOptions(ctx, a);
-        await drainedBegin(opts.source);
-        try {
-          (await createBackup(ctx, opts)).start();
-        } finally {
-          drainedEnd(opts.source);
-        }
-        return {};
-      }),
+    run: (ctx: BackupContext, a: BackupArgs) => asQmp(() => runActions(ctx, [{ def: ACTIONS['blockdev-backup']!, type: 'blockdev-backup', data: a }])),
   }),
   defineCommand({
     name: 'transaction',

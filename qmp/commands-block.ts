@@ -71,6 +71,8 @@ function checkBlockdevTree(graph: BlockGraph, tree: Record<string, unknown>, pre
       checkBlockdevTree(graph, value as Record<string, unknown>, `${at(key)}.`, typed);
     }
   }
+  const problem = typed ? driver.qapiProblem(tree, prefix) : null;
+  if (problem) throw new QapiInputError(problem);
 }
 
 /**
@@ -129,9 +131,10 @@ async function imageInfoChain(node: BlockNode, flat: boolean): Promise<ImageInfo
   return info;
 }
 
+/** The nodes below `node` through filters and backing images (QEMU counts filters too). */
 function backingDepth(node: BlockNode): number {
   let depth = 0;
-  for (let n = node.cowChild?.node; n; n = n.cowChild?.node) depth++;
+  for (let n = chainNext(node); n; n = chainNext(n)) depth++;
   return depth;
 }
 

@@ -6,7 +6,10 @@
  * (qmp/commands-jobs.ts).
  *
  * blockdev-mirror: `device` and `target` name nodes ("Cannot find
- * device='x' nor node-name='x'"); a target that a BlockBackend uses is
+ * device='x' nor node-name='x'"); the device must be a root node, used by
+ * nothing but BlockBackends — a node under another node (a job's filter
+ * included) or held by a job is refused ("Need a root block node", also
+ * for drive-mirror); a target that a BlockBackend uses is
  * refused ("Cannot mirror to an attached block device"); sync top of a
  * node without backing is sync full; sync incremental/bitmap are refused
  * ("Sync mode 'x' not supported"); `replaces` names the node whose users
@@ -37,7 +40,6 @@ import { BlockNode } from '../block/node.js';
 import type { BlockGraph } from '../block/graph.js';
 import { startMirror, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import type { JobRegistry } from '../jobs/registry.js';
-import { MIRROR_TOP_DRIVER } from '../drivers/mirror-top.js';
 import { defineCommand, genericError, type QmpCommand } from './command.js';
 import { asQmp, zJobCommon, zOnError } from './commands-stream-commit.js';
 
@@ -76,9 +78,6 @@ type CommonArgs = z.infer<typeof blockdevMirrorArgs> & { unmap?: boolean; zeroTa
 
 /** blockdev_mirror_common's checks, then the job. */
 async function startCheckedMirror(ctx: MirrorCommandContext, a: CommonArgs, source: BlockNode, target: BlockNode): Promise<void> {
-  if (source.parents.some((e) => e.parent instanceof BlockNode && e.parent.driver.name === MIRROR_TOP_DRIVER)) {
-    throw genericError(`Node '${source.nodeName}' is busy: block device is in use by block job: mirror`);
-  }
   if (target.parents.some((e) => !(e.parent instanceof BlockNode))) throw genericError('Cannot mirror to an attached block device');
   if (a.sync === 'incremental' || a.sync === 'bitmap') throw genericError(`Sync mode '${a.sync}' not supported`);
   const sync: MirrorSync = a.sync === 'top' && !backingChainNext(source) ? 'full' : a.sync;
@@ -102,10 +101,13 @@ async function startCheckedMirror(ctx: MirrorCommandContext, a: CommonArgs, sour
   });
 }
 
-/** qmp_get_root_bs: a node no other node uses. */
+/**
+ * qmp_get_root_bs: a node whose only users are BlockBackends (exports) —
+ * no parent node (a filter of a job included) and no job holding it.
+ */
 function rootNode(ctx: MirrorCommandContext, name: string): BlockNode {
   const bs = ctx.graph.node(name);
-  if (bs.parents.some((e) => e.parent instanceof BlockNode && e.parent.driver.name !== MIRROR_TOP_DRIVER)) {
+  if (bs.parents.some((e) => e.parent instanceof BlockNode) || bs.holders.length > 0) {
     throw genericError('Need a root block node');
   }
   return bs;
@@ -143,7 +145,7 @@ export const mirrorCommands: QmpCommand<MirrorCommandContext>[] = [
     args: blockdevMirrorArgs,
     run: (ctx: MirrorCommandContext, a: z.infer<typeof blockdevMirrorArgs>) =>
       asQmp(async () => {
-        const bs = ctx.graph.node(a.device);
+        const bs = rootNode(ctx, a.device);
         const target = ctx.graph.node(a.target);
         await startCheckedMirror(ctx, { ...a, zeroTarget: a.sync === 'full' }, bs, target);
         return {};

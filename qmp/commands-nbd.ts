@@ -248,10 +248,9 @@ export const nbdCommands: QmpCommand<Daemon>[] = [
 
 /**
  * The node an export serves now (bdrv_get_node_name(blk_bs(exp->blk))): after a
- * mirror pivot that is the target; implicit filters (a running job's) are skipped.
+ * mirror pivot that is the target; while a job's filter sits above the
+ * exported node, the filter — its automatic name too, as qemu-storage-daemon 7.2 answers.
  */
 function exportedNodeName(e: BlockExportState): string {
-  let node = e.exp.backend.node;
-  while (node.autoNamed && node.driver.isFilter && node.filteredChild) node = node.filteredChild.node;
-  return node.nodeName;
+  return e.exp.backend.node.nodeName;
 }

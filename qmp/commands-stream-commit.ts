@@ -12,9 +12,10 @@
  * (block/chain.ts findBackingImage). A chain here is walked through
  * filters and backing images (bdrv_chain_contains).
  *
- * Not accepted: `backing-mask-protocol` (QEMU 9.0). `filter-node-name` is
- * passed to active commit; stream and intermediate commit accept it and
- * insert no filter node (see jobs/stream.ts, jobs/commit.ts).
+ * Not accepted: `backing-mask-protocol` (QEMU 9.0). `filter-node-name`
+ * names the job's filter node: copy-on-read for stream, commit_top for an
+ * intermediate commit, mirror_top for active commit (jobs/stream.ts,
+ * jobs/commit.ts, jobs/mirror-commit.ts).
  */
 import { z } from 'zod';
 import { backingChainNext, findBackingImage } from '../block/chain.js';
@@ -167,7 +168,7 @@ export const streamCommitCommands: QmpCommand<StreamCommitContext>[] = [
       asQmp(async () => {
         const bs = ctx.graph.node(a.device);
         const base = streamBase(ctx, bs, a);
-        await startStream(ctx, { ...commonJobOptions(a), device: bs, base, backingFile: a['backing-file'], onError: a['on-error'] });
+        await startStream(ctx, { ...commonJobOptions(a), device: bs, base, backingFile: a['backing-file'], onError: a['on-error'], filterNodeName: a['filter-node-name'] });
         return {};
       }),
   }),
@@ -181,7 +182,7 @@ export const streamCommitCommands: QmpCommand<StreamCommitContext>[] = [
         const bs = device.skipFilters();
         const { top, base } = commitTopBase(ctx, bs, a);
         if (top === bs) return activeCommit(ctx, a, top, base);
-        await startCommit(ctx, { ...commonJobOptions(a), top, base, backingFile: a['backing-file'], onError: a['on-error'] });
+        await startCommit(ctx, { ...commonJobOptions(a), top, base, backingFile: a['backing-file'], onError: a['on-error'], filterNodeName: a['filter-node-name'] });
         return {};
       }),
   }),

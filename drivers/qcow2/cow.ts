@@ -17,6 +17,7 @@
  */
 import { BlockError } from '../../block/errors.js';
 import { preadv } from '../../block/io.js';
+import { debugEvent } from '../../block/debug-event.js';
 import type { CowSource, Qcow2State } from './state.js';
 
 /** Reads guest bytes [offset, offset + buf.length) of the backing chain (zeroes without one). */
@@ -73,12 +74,15 @@ export async function readCow(s: Qcow2State, source: CowSource, guestOffset: num
   switch (source.kind) {
     case 'backing':
       if (!s.backing || guestOffset >= s.backing.node.totalBytes) return null;
+      debugEvent(s.file, 'cow_read');
       await readBacking(s, guestOffset, buf);
       return buf;
     case 'host':
+      debugEvent(s.file, 'cow_read');
       await preadv(s.file, source.hostOffset + inCluster, buf);
       return buf;
     case 'compressed':
+      debugEvent(s.file, 'cow_read');
       await readCompressed(s, source.hi, source.lo, inCluster, buf);
       return buf;
   }

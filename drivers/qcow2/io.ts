@@ -25,6 +25,7 @@
 import { BlockError } from '../../block/errors.js';
 import { Req, Status } from '../../block/flags.js';
 import { preadv } from '../../block/io.js';
+import { debugEvent } from '../../block/debug-event.js';
 import { blockStatusAbove } from '../../block/status.js';
 import type { BlockStatusResult } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
@@ -75,6 +76,7 @@ export async function readGuest(s: Qcow2State, offsetBytes: number, buf: Uint8Ar
     const part = buf.subarray(done, done + run.bytes);
     switch (run.type) {
       case ClusterType.UNALLOCATED:
+        if (s.backing) debugEvent(s.file, 'read_backing_aio');
         await readBacking(s, offsetBytes + done, part);
         break;
       case ClusterType.ZERO_PLAIN:
@@ -82,9 +84,11 @@ export async function readGuest(s: Qcow2State, offsetBytes: number, buf: Uint8Ar
         part.fill(0);
         break;
       case ClusterType.NORMAL:
+        debugEvent(s.file, 'read_aio');
         await preadv(s.file, run.hostOffset, part);
         break;
       case ClusterType.COMPRESSED:
+        debugEvent(s.file, 'read_compressed');
         await readCompressed(s, run.hi, run.lo, (offsetBytes + done) % s.clusterBytes, part);
         break;
     }
@@ -116,6 +120,7 @@ export async function coPwritev(node: BlockNode, offsetBytes: number, buf: Uint8
     if (step.kind === 'inplace') {
       try {
         if (!overlapClear(s, 0, step.hostOffset, step.bytes)) await overlapCheck(s, 0, step.hostOffset, step.bytes);
+        debugEvent(s.file, 'write_aio');
         await writeFile(s, step.hostOffset, data);
       } finally {
         finishInplace(s, step.record);
@@ -142,6 +147,7 @@ async function writeAllocation(s: Qcow2State, alloc: Allocation, data: Uint8Arra
     await overlapCheck(s, 0, alloc.hostOffset, total);
     const cow = alloc.cowStartBytes + alloc.cowEndBytes > 0;
     if (!cow) {
+      debugEvent(s.file, 'write_aio');
       await writeFile(s, alloc.hostOffset, data);
     } else if (total <= ASSEMBLE_MAX_BYTES) {
       const whole = acquireAssembly(s, total);
@@ -151,13 +157,17 @@ async function writeAllocation(s: Qcow2State, alloc: Allocation, data: Uint8Arra
         whole.set(data, alloc.cowStartBytes);
         if (tail) whole.set(tail, alloc.cowEndOffset);
         else whole.fill(0, alloc.cowEndOffset, total);
+        debugEvent(s.file, head || tail ? 'cow_write' : 'write_aio');
         await writeFile(s, alloc.hostOffset, whole);
       } finally {
         releaseAssembly(s, whole);
       }
     } else {
+      if (alloc.cowStartBytes) debugEvent(s.file, 'cow_write');
       if (alloc.cowStartBytes) await writeFile(s, alloc.hostOffset, head ?? new Uint8Array(alloc.cowStartBytes));
+      debugEvent(s.file, 'write_aio');
       await writeFile(s, alloc.hostOffset + alloc.cowStartBytes, data);
+      if (alloc.cowEndBytes) debugEvent(s.file, 'cow_write');
       if (alloc.cowEndBytes) await writeFile(s, alloc.hostOffset + alloc.cowEndOffset, tail ?? new Uint8Array(alloc.cowEndBytes));
     }
     await s.lock.run(() => linkAllocation(s, alloc, cow));

@@ -19,6 +19,7 @@
  * write, then frees the old table.
  */
 import { BlockError } from '../../block/errors.js';
+import { debugEvent } from '../../block/debug-event.js';
 import { Limits, L1_ENTRY_BYTES, Qcow2Version } from './format.js';
 import { flushFile, signalCorruption, writeFile, writeL1Location } from './header-io.js';
 import { OverlapCheck, overlapCheck } from './overlap.js';
@@ -136,12 +137,14 @@ async function allocateL2(s: Qcow2State, l1Index: number, oldOffset: number): Pr
   const oldCopied = oldOffset !== 0 && l1Copied(s, l1Index);
   try {
     if (oldOffset !== 0) {
+      debugEvent(s.file, 'l2_alloc_cow_read');
       const old = await s.l2Cache.get(oldOffset);
       table.data.set(old.data);
       s.l2Cache.release(old);
     }
     s.l2Tables.add(newOffset);
     s.l2Cache.markDirty(table);
+    debugEvent(s.file, 'l2_alloc_write');
     await s.l2Cache.flush();
     setL1Entry(s, l1Index, newOffset, true);
     await writeL1Entry(s, l1Index);
@@ -172,6 +175,7 @@ export async function writeL1Entry(s: Qcow2State, l1Index: number): Promise<void
   buf.set(s.l1.subarray(startIndex * 8, (startIndex + count) * 8));
   const at = s.image.header.l1TableOffset + startIndex * 8;
   await overlapCheck(s, OverlapCheck.ACTIVE_L1, at, buf.length);
+  debugEvent(s.file, 'l1_update');
   await writeFile(s, at, buf);
   await flushFile(s);
 }

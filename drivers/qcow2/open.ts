@@ -33,6 +33,7 @@ import { BlockError, toBlockError } from '../../block/errors.js';
 import { Req } from '../../block/flags.js';
 import { flush, preadv, pwritev } from '../../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../../block/node.js';
+import { debugEvent } from '../../block/debug-event.js';
 import { fullBackingFilename } from '../../block/create.js';
 import type { OpenContext } from '../../block/driver.js';
 import type { OptionTree } from '../../block/keyval.js';
@@ -125,9 +126,13 @@ async function buildState(node: BlockNode, ctx: OpenContext, file: BdrvChild, im
   if (typeof snapshots === 'string') throw new BlockError('EFBIG', snapshots);
   let s: Qcow2State;
   const io = (ignore: number) => ({
-    read: (offset: number, buf: Uint8Array) => preadv(file, offset, buf),
+    read: (offset: number, buf: Uint8Array) => {
+      if (ignore === OverlapCheck.ACTIVE_L2) debugEvent(file, 'l2_load');
+      return preadv(file, offset, buf);
+    },
     write: async (entry: CacheEntry) => {
       await overlapCheck(s, ignore, entry.offset, entry.data.length);
+      debugEvent(file, ignore === OverlapCheck.ACTIVE_L2 ? 'l2_update' : 'refblock_update_part');
       await writeFile(s, entry.offset, entry.data);
     },
     flushFile: () => flushFile(s),

@@ -35,6 +35,7 @@
  */
 import { BlockError, strerror } from '../../block/errors.js';
 import { pdiscard } from '../../block/io.js';
+import { debugEvent } from '../../block/debug-event.js';
 import { hex } from './cursor.js';
 import { Limits } from './format.js';
 import { signalCorruption } from './header-io.js';
@@ -189,6 +190,7 @@ async function updateInBlock(s: Qcow2State, first: number, count: number, addend
   const n = Math.min(count, (t + 1) * e - first);
   const offset = await blockOffset(s, t);
   if (offset === 0) throw new BlockError('EINVAL', `Refcount of cluster ${first} would drop below 0`);
+  debugEvent(s.file, 'refblock_load');
   const entry = await s.refcountCache.get(offset);
   try {
     const codec = codecOf(s);
@@ -236,6 +238,7 @@ export async function processDiscards(s: Qcow2State): Promise<void> {
 
 /** Allocates `count` contiguous clusters with refcount 1 (qcow2_alloc_clusters); returns the host offset. */
 export async function allocClusters(s: Qcow2State, count: number): Promise<number> {
+  debugEvent(s.file, 'cluster_alloc');
   for (;;) {
     const first = await scanFree(s, count);
     if (await updateRefcount(s, first, count, 1, false, DiscardType.NEVER)) return first * s.clusterBytes;
@@ -257,6 +260,7 @@ export async function allocClustersAt(s: Qcow2State, offsetBytes: number, count:
 export async function freeClusters(s: Qcow2State, offsetBytes: number, bytes: number, type: DiscardTypeValue): Promise<void> {
   const first = Math.floor(offsetBytes / s.clusterBytes);
   const end = Math.ceil((offsetBytes + bytes) / s.clusterBytes);
+  debugEvent(s.file, 'cluster_free');
   try {
     await updateRefcount(s, first, end - first, 1, true, type);
   } catch (e) {

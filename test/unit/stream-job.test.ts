@@ -5,17 +5,10 @@
  * chain, pause/resume, cancel, and block-stream / block-commit argument
  * checks with QEMU's texts.
  */
-import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { z } from 'zod';
 import { BlockBackend } from '../../block/backend.js';
 import { storedBackingName } from '../../block/chain.js';
-import { createImage } from '../../block/create.js';
-import type { BlockDriver } from '../../block/driver.js';
-import { BlockError } from '../../block/errors.js';
-import { flush, preadv, pwritev, truncate } from '../../block/io.js';
-import { ChildRole, type BdrvChild, type BlockNode } from '../../block/node.js';
-import { zBlockdevRef } from '../../block/options.js';
+import type { BlockNode } from '../../block/node.js';
 import { startCommit } from '../../jobs/commit.js';
 import { JobRegistry } from '../../jobs/registry.js';
 import { startStream } from '../../jobs/stream.js';
@@ -23,34 +16,13 @@ import { streamCommitCommands } from '../../qmp/commands-stream-commit.js';
 import { builtinDrivers } from '../../drivers/index.js';
 import { testGraph } from '../helpers/graphs.js';
 import { pattern } from '../helpers/mem-driver.js';
+import { failing, failingReadsDriver, qcow2ChainFiles } from '../helpers/qcow2-chain.js';
 import { scratchDir } from '../helpers/tmp.js';
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
 const dir = scratchDir('qbt-stream-job-');
 let serial = 0;
-
-/** Fails reads while `failReads` > 0 (a stand-in for blkdebug's inject-error). */
-const failing = { failReads: 0 };
-const failingDriver: BlockDriver = {
-  name: 'test-failing',
-  isFilter: true,
-  optionsSchema: z.object({ file: zBlockdevRef }),
-  async open(node, _o, ctx) {
-    node.opaque = (await ctx.openChild('file', ChildRole.FILTERED | ChildRole.PRIMARY))!;
-  },
-  getLength: async (node) => (node.opaque as BdrvChild).node.totalBytes,
-  async coPreadv(node, offset, buf, flags) {
-    if (failing.failReads > 0) {
-      failing.failReads--;
-      throw new BlockError('EIO');
-    }
-    await preadv(node.opaque as BdrvChild, offset, buf, flags);
-  },
-  coPwritev: (node, offset, buf, flags) => pwritev(node.opaque as BdrvChild, offset, buf, flags),
-  coFlushToDisk: (node) => flush((node.opaque as BdrvChild).node),
-  coTruncate: (node, offset, exact, prealloc, flags) => truncate(node.opaque as BdrvChild, offset, exact, prealloc, flags),
-};
 
 interface Chain {
   graph: ReturnType<typeof testGraph>;
@@ -65,16 +37,12 @@ interface Chain {
 /** base (1 MiB at 0) ← mid (1 MiB at 1 MiB; its file under a failing filter) ← top (64 KiB at 2 MiB). */
 async function chain(): Promise<Chain> {
   const n = ++serial;
-  const file = (name: string) => path.join(dir, `${n}-${name}.qcow2`);
-  const g0 = testGraph();
-  await createImage(g0, { format: 'qcow2', filename: file('base'), sizeBytes: SIZE, options: [], quiet: true });
-  await createImage(g0, { format: 'qcow2', filename: file('mid'), options: [], backingFile: file('base'), backingFormat: 'qcow2', quiet: true });
-  await createImage(g0, { format: 'qcow2', filename: file('top'), options: [], backingFile: file('mid'), backingFormat: 'qcow2', quiet: true });
-  const graph = testGraph([...builtinDrivers, failingDriver]);
+  const file = await qcow2ChainFiles(dir, String(n), SIZE);
+  const graph = testGraph([...builtinDrivers, failingReadsDriver]);
   const events: Chain['events'] = [];
   const jobs = new JobRegistry((e, d) => events.push([e, d]));
   const open = (name: string, backing?: string, underFailing = false) => {
-    const fileSpec = { driver: 'file', filename: file(name) };
+    const fileSpec = { driver: 'file', filename: file(name as 'base' | 'mid' | 'top') };
     return graph.openNode({
       driver: 'qcow2',
       'node-name': name,

@@ -1,0 +1,82 @@
+/*
+ * `commit_top`: the filter an intermediate commit job puts above its top
+ * image (QEMU 7.2's bdrv_commit_top in block/commit.c), so the overlays of
+ * top read through a node the job owns until the committed images drop
+ * out of the chain.
+ *
+ * Reads pass to the `backing` child (top); block status and length are the
+ * child's. The node is read-only (QEMU opens it with no flags) and its
+ * edge onto top needs nothing and shares everything (bdrv_commit_top's
+ * child_perm). Like mirror_top it is in no driver list (blockdev-add does
+ * not know it): `insertCommitTop` builds the node, registers it under
+ * `filter-node-name` or an automatic `#commit-topN`, and moves every parent
+ * of top onto it; `removeCommitTop` moves them back (a failed or cancelled
+ * commit) and closes it. After a successful commit the job moves the
+ * filter's overlays onto the base itself (bdrv_drop_intermediate), so the
+ * filter has no parents left when it closes.
+ */
+import { z } from 'zod';
+import { BlockError } from '../block/errors.js';
+import { Perm } from '../block/flags.js';
+import { preadv, refreshLength } from '../block/io.js';
+import { attachChild, BlockNode, ChildRole, type BdrvChild } from '../block/node.js';
+import { normaliseDriver, type BlockDriver } from '../block/driver.js';
+import type { BlockGraph } from '../block/graph.js';
+import { invalidNodeName } from '../block/options.js';
+import { replaceNode } from '../block/replace.js';
+
+export const COMMIT_TOP_DRIVER = 'commit_top';
+
+const child = (node: BlockNode) => node.opaque as BdrvChild;
+
+export const commitTopDriver: BlockDriver = {
+  name: COMMIT_TOP_DRIVER,
+  isFilter: true,
+  optionsSchema: z.object({}),
+  async open() {
+    throw new BlockError('EINVAL', `Unknown driver '${COMMIT_TOP_DRIVER}'`);
+  },
+  getLength: async (node) => child(node).node.totalBytes,
+  coPreadv: (node, offsetBytes, buf, flags) => preadv(child(node), offsetBytes, buf, flags),
+};
+
+/** The normalised driver, built once (the filter is not in the graph's driver list). */
+const normalisedCommitTop = normaliseDriver(commitTopDriver);
+
+/** Prefix of automatic names ('#' cannot start a user's node name). */
+const IMPLICIT_NAME_PREFIX = '#commit-top';
+
+function implicitName(graph: BlockGraph): string {
+  let i = 1;
+  while (graph.nodes.has(`${IMPLICIT_NAME_PREFIX}${i}`)) i++;
+  return `${IMPLICIT_NAME_PREFIX}${i}`;
+}
+
+/** Builds a commit_top node above `top` and moves top's parents onto it (bdrv_append). */
+export async function insertCommitTop(graph: BlockGraph, top: BlockNode, nodeName: string | undefined): Promise<BlockNode> {
+  const reason = nodeName === undefined ? null : invalidNodeName(nodeName);
+  if (reason) throw new BlockError('EINVAL', reason);
+  const name = nodeName ?? implicitName(graph);
+  if (graph.nodes.has(name)) throw new BlockError('EEXIST', `Duplicate nodes with node-name='${name}'`);
+  const filter = new BlockNode(normalisedCommitTop, name, nodeName === undefined, true, { ...top.openFlags, detectZeroes: 'off' });
+  filter.opaque = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, top, 0, Perm.ALL);
+  filter.limits = { ...top.limits };
+  filter.filename = top.filename;
+  filter.options = { driver: COMMIT_TOP_DRIVER, 'node-name': name, backing: top.nodeName };
+  await refreshLength(filter);
+  graph.nodes.set(name, filter);
+  try {
+    await replaceNode(top, filter);
+  } catch (e) {
+    await graph.closeNode(filter);
+    throw e;
+  }
+  return filter;
+}
+
+/** Moves the filter's parents back onto its child and closes it. */
+export async function removeCommitTop(graph: BlockGraph, filter: BlockNode): Promise<void> {
+  if (filter.closed) return;
+  await replaceNode(filter, child(filter).node);
+  await graph.closeNode(filter);
+}
