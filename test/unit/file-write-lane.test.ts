@@ -20,7 +20,7 @@ function deferred(): { promise: Promise<void>; resolve: () => void; reject: (e: 
 }
 
 describe('WriteLane', () => {
-  it(`runs at most ${SERIAL_WRITES_IN_FLIGHT} bodies at once, the rest in arrival order`, async () => {
+  it('runs at most SERIAL_WRITES_IN_FLIGHT bodies at once, the rest in arrival order', async () => {
     const lane = new WriteLane();
     const gates = Array.from({ length: 6 }, deferred);
     const started: number[] = [];
@@ -35,11 +35,13 @@ describe('WriteLane', () => {
         return i;
       }),
     );
-    await new Promise((r) => setImmediate(r));
-    expect(started).toEqual([0, 1]);
-    gates[1]!.resolve();
-    await new Promise((r) => setImmediate(r));
-    expect(started).toEqual([0, 1, 2]);
+    const tick = () => new Promise((r) => setImmediate(r));
+    await tick();
+    const first = Array.from({ length: SERIAL_WRITES_IN_FLIGHT }, (_, i) => i);
+    expect(started).toEqual(first);
+    gates[0]!.resolve();
+    await tick();
+    expect(started).toEqual([...first, SERIAL_WRITES_IN_FLIGHT]);
     for (const gate of gates) gate.resolve();
     expect(await Promise.all(all)).toEqual([0, 1, 2, 3, 4, 5]);
     expect(started).toEqual([0, 1, 2, 3, 4, 5]);
