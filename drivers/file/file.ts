@@ -60,6 +60,24 @@ const optionsSchema = z.object({
   filename: z.string({ error: "The 'file' block driver requires a file name" }),
 });
 
+/** statfs f_type of file systems whose pages live in memory: tmpfs, ramfs. */
+const MEMORY_FS_TYPES: ReadonlySet<number> = new Set([0x01021994, 0x858458f6]);
+
+/**
+ * Whether the file lives in memory (tmpfs, ramfs): there a small read or
+ * write never waits for a device, and doing it on the calling thread (as
+ * under syncIo) costs ~2 µs instead of the thread pool's hand-off and
+ * completion (~15 µs of event-loop time per request, measured with NBD at
+ * 4 KiB). Large transfers still go to the pool (see SYNC_IO_MAX_BYTES).
+ */
+function isMemoryBacked(filename: string): boolean {
+  try {
+    return MEMORY_FS_TYPES.has(fs.statfsSync(filename).type);
+  } catch {
+    return false;
+  }
+}
+
 /** O_DIRECT where the host has it (Linux), else undefined. */
 const O_DIRECT = (fs.constants as { O_DIRECT?: number }).O_DIRECT;
 
@@ -122,7 +140,7 @@ async function open(node: BlockNode, options: Record<string, unknown>): Promise<
       writeLane: directIo === null && st.isFile() ? new WriteLane() : undefined,
       host,
       isBlockDevice: st.isBlockDevice(),
-      syncIo: node.openFlags.syncIo,
+      syncIo: node.openFlags.syncIo || (directIo === null && isMemoryBacked(filename)),
       dataCache: null,
     } satisfies FileState;
   } catch (e) {

@@ -335,6 +335,29 @@ function allocatedBytes(filename: string): number {
   return fs.statSync(filename).blocks * STAT_BLOCK_BYTES;
 }
 
+describe('files in memory (tmpfs)', () => {
+  /** The file node under a raw backend. */
+  const fileState = (blk: BlockBackend) => blk.root.node.primaryChild!.node.opaque as HostFile;
+
+  it.skipIf(!hasShm)('do small transfers on the calling thread; files on disk do not', async () => {
+    const inMemory = scratchFile('shm.raw', fs.mkdtempSync(path.join(SHM_DIR, 'qbt-file-')));
+    const onDisk = scratchFile('disk.raw');
+    const model = patternFile(inMemory, 256 * KiB);
+    patternFile(onDisk, 64 * KiB);
+    const shm = await openBackend(inMemory);
+    const disk = await openBackend(onDisk);
+    try {
+      expect(fileState(shm).syncIo).toBe(fs.statfsSync(SHM_DIR).type === 0x01021994);
+      expect(fileState(disk).syncIo).toBe(false);
+      await writeAndCheck(shm, model, 4 * KiB + 3, 9000, 0x5a);
+    } finally {
+      await shm.close();
+      await disk.close();
+      fs.rmSync(path.dirname(inMemory), { recursive: true, force: true });
+    }
+  });
+});
+
 describe('create', () => {
   it('lists QEMU’s options in QEMU’s order, with its types and help texts', () => {
     expect(FILE_CREATE_OPTS).toEqual([
