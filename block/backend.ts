@@ -14,7 +14,7 @@ import { BlockError } from './errors.js';
 import { Perm, Req, type Prealloc } from './flags.js';
 import { checkRange, flush, pdiscard, preadv, pwriteZeroes, pwritev, truncate } from './io.js';
 import { drain } from './drain.js';
-import { attachChild, detachChild, replaceChildNode, type BdrvChild, type BlockNode, type EdgeParent } from './node.js';
+import { attachChild, detachChild, replaceChildNode, setEdgePerms, type BdrvChild, type BlockNode, type EdgeParent } from './node.js';
 import { blockStatus, blockStatusAbove, type ChainStatusResult } from './status.js';
 import type { BlockStatusResult } from './driver.js';
 import type { BlockGraph } from './graph.js';
@@ -26,7 +26,7 @@ export interface BackendOptions {
   writable?: boolean;
   /** Ask for resize permission (truncate, writes past the end). */
   resizable?: boolean;
-  /** Permissions other users keep (default: all, as QEMU's backends). */
+  /** Permissions other users keep (default: all, as QEMU's backends); narrowed after joining the node. */
   shared?: number;
   /** Writes may extend the node (image creation). */
   allowWriteBeyondEof?: boolean;
@@ -66,11 +66,22 @@ export class BlockBackend implements EdgeParent {
     this.writeCache = opts.writeCache ?? true;
     const perm =
       Perm.CONSISTENT_READ | (opts.writable ? Perm.WRITE : 0) | (opts.resizable || opts.allowWriteBeyondEof ? Perm.RESIZE : 0);
-    this.rootEdge = attachChild(this, 'root', 0, node, perm, opts.shared ?? Perm.ALL);
+    // As QEMU's users that narrow sharing (an export: blk_new sharing all, then blk_set_perm):
+    // a conflict with the wider first step is the one reported.
+    const edge = attachChild(this, 'root', 0, node, perm, Perm.ALL);
+    if (opts.shared !== undefined && opts.shared !== Perm.ALL) {
+      try {
+        setEdgePerms(edge, perm, opts.shared);
+      } catch (e) {
+        detachChild(edge);
+        throw e;
+      }
+    }
+    this.rootEdge = edge;
   }
 
   describe(): string {
-    return this.name ? `block device '${this.name}'` : 'a block device';
+    return this.name ? `block device '${this.name}'` : 'an unnamed block device';
   }
 
   /** The node requests go to. */

@@ -14,10 +14,16 @@
  * data is safe in the target. That gives the point-in-time property.
  *
  * A copy asks block status of the source first: stretches that read as
- * zeroes become write-zeroes on the target (one request for a long zero
- * run, up to ZERO_RUN_MAX_BYTES), data is copied in pieces of at most
- * COPY_MAX_BYTES (compressed when asked). Errors of the write half are
- * marked (`CopyError.isRead` false) so the job can apply on-target-error.
+ * zeroes become write-zeroes on the target, data is read and written
+ * (compressed when asked). Pieces are QEMU's block-copy tasks: at most
+ * `chunkBytes` (block_copy_chunk_size: the cluster when compressing or
+ * when the nodes' max transfer is below a cluster, else COPY_MAX_BYTES or
+ * the cluster if larger, capped by the max transfer). A zero run may be
+ * claimed whole (up to ZERO_RUN_MAX_BYTES, so an unthrottled copy of a
+ * sparse source costs little per GiB); a speed-limited job asks for zero
+ * runs in chunks too, since QEMU charges every task, zeroes included, to
+ * the rate limit. Errors of the write half are marked (`CopyError.isRead`
+ * false) so the job can apply on-target-error.
  *
  * The filter (`copy-before-write`, children `file` = the source and
  * `target`) passes reads through; a write, write-zeroes or discard first
@@ -30,11 +36,11 @@ import { DirtyBitmap } from './dirty-bitmap.js';
 import { BlockError, toBlockError } from './errors.js';
 import { Perm, Req, Status, alignDown, alignUp } from './flags.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev } from './io.js';
-import { ChildRole, type BdrvChild, type BlockNode } from './node.js';
+import { ChildRole, refreshChildPerms, type BdrvChild, type BlockNode } from './node.js';
 import { zBlockdevRef } from './options.js';
 import { blockStatusAbove } from './status.js';
 
-/** Largest data piece copied at once (and claimed at once). */
+/** Largest data piece copied at once, unless the cluster is larger (QEMU's BLOCK_COPY_MAX_BUFFER). */
 export const COPY_MAX_BYTES = 1 << 20;
 /** Longest zero run written with one write-zeroes. */
 export const ZERO_RUN_MAX_BYTES = 1 << 30;
@@ -65,6 +71,8 @@ export interface BlockCopyOptions {
 export class BlockCopy {
   readonly copyBitmap: DirtyBitmap;
   readonly lengthBytes: number;
+  /** Largest piece copied (and claimed) at once: QEMU's block_copy_chunk_size (see the note at the top). */
+  readonly chunkBytes: number;
   private readonly inFlight = new Set<InFlight>();
   private readonly buf: Uint8Array;
   private bufBusy: Promise<void> = Promise.resolve();
@@ -77,6 +85,7 @@ export class BlockCopy {
     this.lengthBytes = source.node.totalBytes;
     this.copyBitmap = new DirtyBitmap(null, opts.clusterBytes, this.lengthBytes);
     this.buf = new Uint8Array(Math.max(COPY_MAX_BYTES, opts.clusterBytes));
+    this.chunkBytes = copyChunkBytes(source.node, target.node, opts);
   }
 
   get clusterBytes(): number {
@@ -101,13 +110,14 @@ export class BlockCopy {
 
   /**
    * Copies the first piece of the dirty area [offset, offset + bytes): a
-   * whole zero run, or at most COPY_MAX_BYTES of data. Returns the bytes
-   * claimed (0 when someone else claimed them meanwhile).
+   * zero run of at most `zeroRunMaxBytes` (the chunk, for a speed-limited
+   * job), or at most a chunk of data. Returns the bytes claimed (0 when
+   * someone else claimed them meanwhile).
    */
-  async copyFirstOf(offsetBytes: number, bytes: number): Promise<number> {
-    const st = await blockStatusAbove(this.source.node, null, offsetBytes, Math.min(bytes, ZERO_RUN_MAX_BYTES), true);
+  async copyFirstOf(offsetBytes: number, bytes: number, zeroRunMaxBytes = ZERO_RUN_MAX_BYTES): Promise<number> {
+    const st = await blockStatusAbove(this.source.node, null, offsetBytes, Math.min(bytes, Math.max(zeroRunMaxBytes, this.chunkBytes)), true);
     const zero = (st.status & Status.ZERO) !== 0;
-    let want = zero ? st.pnum : Math.min(st.pnum, COPY_MAX_BYTES);
+    let want = Math.min(st.pnum, zero ? zeroRunMaxBytes : this.chunkBytes);
     want = Math.max(this.clusterBytes, alignDown(want, this.clusterBytes));
     // The await above let others run: claim only what is still dirty.
     if (!this.copyBitmap.isDirty(offsetBytes)) return 0;
@@ -164,19 +174,69 @@ export class BlockCopy {
   }
 }
 
+/**
+ * block_copy_chunk_size for read/write copies (no copy offload): the
+ * cluster when compressing or when the nodes' max transfer (aligned down
+ * to the cluster) is below one, else the larger of COPY_MAX_BYTES and the
+ * cluster, capped by that max transfer.
+ */
+function copyChunkBytes(source: BlockNode, target: BlockNode, opts: BlockCopyOptions): number {
+  const limits = [source.limits.maxTransfer, target.limits.maxTransfer].filter((n) => n > 0);
+  const maxTransfer = limits.length > 0 ? alignDown(Math.min(...limits), opts.clusterBytes) : Infinity;
+  if (opts.compress || maxTransfer < opts.clusterBytes) return opts.clusterBytes;
+  return Math.min(Math.max(opts.clusterBytes, COPY_MAX_BYTES), maxTransfer);
+}
+
 // ---------------------------------------------------------------- the filter
 
 interface CbwState {
   file: BdrvChild;
   target: BdrvChild;
   copier: BlockCopy | null;
+  /** The job let go of the filter (it is being taken out): its source needs no guarding any more. */
+  released?: boolean;
 }
 
 const state = (node: BlockNode) => node.opaque as CbwState;
 
-/** Attaches the copy state the filter consults before writes (null: pass-through). */
+/**
+ * Attaches the copy state the filter consults before writes (null:
+ * pass-through). The filter's child permissions are derived again: the
+ * backup job that attaches it is a user of the filter (QEMU's job edge),
+ * and by now the source's parents have moved onto the filter. Taking the
+ * copy state away releases the filter: its parents are about to move back
+ * onto the source one by one, so the source is no longer kept from writers
+ * (QEMU drops the filter and moves them all at once).
+ */
 export function setCopyState(filter: BlockNode, copier: BlockCopy | null): void {
-  state(filter).copier = copier;
+  const st = state(filter);
+  st.released = st.copier !== null && copier === null;
+  st.copier = copier;
+  refreshChildPerms(filter);
+}
+
+/** What a filter passes on of its parents' permissions (QEMU's DEFAULT_PERM_PASSTHROUGH: all Perm bits here). */
+const PASSTHROUGH_PERMS = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE;
+
+/**
+ * cbw_child_perm: the target is only written, and shared with all but
+ * resizers (its size was checked once). The source gets what the filter's
+ * users take; once the filter has users (a backup job always is one) their
+ * writes come with consistent reads (the old data is copied first) and
+ * nobody may write or resize the source beside the filter.
+ */
+function cbwChildPerms(filter: BlockNode, role: number): { perm: number; shared: number } {
+  if (!(role & ChildRole.FILTERED)) return { perm: Perm.WRITE, shared: Perm.ALL & ~Perm.RESIZE };
+  const users = filter.parentPerms();
+  let perm = users.perm & PASSTHROUGH_PERMS;
+  let shared = users.shared & PASSTHROUGH_PERMS;
+  const st = filter.opaque as CbwState | undefined;
+  const inUse = !!st?.copier || (filter.parents.length > 0 && !st?.released);
+  if (inUse) {
+    if (perm & Perm.WRITE) perm |= Perm.CONSISTENT_READ;
+    shared &= ~(Perm.WRITE | Perm.RESIZE);
+  }
+  return { perm, shared };
 }
 
 export function cbwChildren(filter: BlockNode): { file: BdrvChild; target: BdrvChild } {
@@ -192,10 +252,11 @@ export const copyBeforeWriteDriver: BlockDriver = {
   isFilter: true,
   optionsSchema: z.object({ file: zBlockdevRef, target: zBlockdevRef }),
   async open(node, _options, ctx) {
-    // The filter goes above a node in use (an export that does not share resize): it takes what the node's users hold.
-    const passThrough = (child: BlockNode) => ({ perm: child.parentPerms().perm | Perm.CONSISTENT_READ, shared: Perm.ALL });
-    const file = (await ctx.openChild('file', ChildRole.FILTERED | ChildRole.PRIMARY, { perms: passThrough }))!;
-    const target = (await ctx.openChild('target', ChildRole.DATA))!;
+    // With no users yet the filter takes nothing on its source; its parents arrive later (refreshChildPerms).
+    const fileRole = ChildRole.FILTERED | ChildRole.PRIMARY;
+    const file = (await ctx.openChild('file', fileRole, { perms: () => cbwChildPerms(node, fileRole) }))!;
+    const target = (await ctx.openChild('target', ChildRole.DATA, { perms: () => cbwChildPerms(node, ChildRole.DATA) }))!;
+    node.childPermRule = (edge) => cbwChildPerms(node, edge.role);
     node.opaque = { file, target, copier: null } satisfies CbwState;
     node.supportedWriteFlags = Req.FUA & file.node.supportedWriteFlags;
     node.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & file.node.supportedZeroFlags;

@@ -73,9 +73,11 @@ export class BlockGraph {
   /**
    * Receives warnings the block layer prints. Tools print them on stderr as
    * `prog: warning: message`, or as they are when `verbatim` (QEMU prints
-   * a few, like raw's probing warning, with fprintf rather than warn_report).
+   * a few, like raw's probing warning, with fprintf rather than warn_report),
+   * or as `prog: message` when `error` (error_report of a failure that does
+   * not fail the operation, like qcow2's cache flush at close).
    */
-  onWarning: (message: string, opts?: { verbatim?: boolean }) => void = () => {};
+  onWarning: (message: string, opts?: { verbatim?: boolean; error?: boolean }) => void = () => {};
   /**
    * Default of OpenFlags.syncIo for nodes opened in this graph: tools that
    * issue one request at a time turn it on; servers leave it off.

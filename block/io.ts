@@ -26,10 +26,11 @@
  *      hint (ignored when not enabled, unsupported or ENOTSUP);
  *      detect-zeroes turns all-zero writes (compressed ones too) into
  *      write-zeroes;
- *   6. bumps the write generation when the driver calls return (before an
- *      emulated FUA flush, which must see the write as unflushed; a flush
- *      with nothing new to flush is free) and, after a successful write
- *      past the end, grows the cached length to a whole sector;
+ *   6. bumps the write generation when the request is done (as QEMU 7.2's
+ *      bdrv_co_write_req_finish: after an emulated FUA flush, which runs
+ *      inside the request; a flush with nothing new to flush is free) and,
+ *      after a successful write past the end, grows the cached length to a
+ *      whole sector;
  *   7. marks the node's recording dirty bitmaps (dirty-bitmap.ts) with the
  *      aligned range of every write, write-zeroes and discard that reached
  *      the driver, failed or not, as QEMU's bdrv_co_write_req_finish does,
@@ -237,10 +238,13 @@ function isZeroBuffer(buf: Uint8Array): boolean {
 /**
  * An aligned write (bdrv_aligned_pwritev). `buf` is null for write-zeroes
  * (flags then include ZERO_WRITE). Applies detect-zeroes, then either the
- * write-zeroes path or split driver writes. The write generation is bumped
- * as soon as the driver calls return (also on failure), *before* an
- * emulated FUA flush, so that flush cannot mistake this write for one
- * already flushed; the cached length grows only when the write succeeded.
+ * write-zeroes path or split driver writes, then the emulated FUA flush.
+ * As in QEMU 7.2 (bdrv_driver_pwritev, bdrv_co_do_pwrite_zeroes), that
+ * flush runs inside the request, before the write generation is bumped
+ * (bdrv_co_write_req_finish, also on failure): it sees only the writes
+ * before this one, so a node's flush_to_disk event fires on it only when
+ * those are unflushed. The cached length grows only when the write and
+ * its flush succeeded.
  */
 async function alignedWrite(
   node: BlockNode,
@@ -260,6 +264,7 @@ async function alignedWrite(
     needFlush = flags & Req.ZERO_WRITE || !buf
       ? await doPwriteZeroes(node, offsetBytes, bytes, flags)
       : await driverPwritev(node, offsetBytes, buf, flags);
+    if (needFlush) await flush(node, true);
     written = true;
   } finally {
     node.writeGen++;
@@ -267,7 +272,16 @@ async function alignedWrite(
     if (written && end > node.totalBytes) node.totalBytes = alignUp(end, SECTOR_BYTES);
     if (node.dirtyBitmaps.length > 0) markDirty(node, offsetBytes, bytes);
   }
-  if (needFlush) await flush(node);
+  if (needFlush) countLeafFuaFlushed(node);
+}
+
+/**
+ * After a leaf's emulated FUA flush (which reached its disk, see flush) and
+ * the generation bump: when this write is the only one since the flushed
+ * generation, it is flushed too, so the next flush is free.
+ */
+function countLeafFuaFlushed(node: BlockNode): void {
+  if (node.children.length === 0 && node.flushedGen === node.writeGen - 1) node.flushedGen = node.writeGen;
 }
 
 /** Splits a write by maxTransfer; returns whether FUA must be emulated by a flush. */
@@ -471,15 +485,23 @@ async function discardChunks(node: BlockNode, offsetBytes: number, bytes: number
  * Flushes the node and, below it, every child it writes to (bdrv_co_flush).
  * Flushes of a node run one at a time in generation order; the disk flush is
  * skipped when nothing was written since the last one, or with cache.no-flush.
+ *
+ * `emulatedFua`: the flush of a write whose request is still open (see
+ * alignedWrite), which QEMU 7.2 does not count as written. Its events and
+ * generations follow QEMU; only a leaf node (no children to flush, e.g. a
+ * file written with FUA directly) still gets its disk flush when nothing
+ * older was unflushed, so that the write is durable (QEMU 7.2 skips it; no
+ * blkdebug event can tell, as a leaf has no primary child), and the write
+ * then counts as flushed (countLeafFuaFlushed).
  */
-export async function flush(node: BlockNode): Promise<void> {
+export async function flush(node: BlockNode, emulatedFua = false): Promise<void> {
   checkOpen(node);
   if (node.readOnly) return;
   node.incInFlight();
   try {
     const generation = node.writeGen;
     while (node.activeFlush) await node.activeFlush.catch(() => undefined);
-    const run = flushOnce(node, generation);
+    const run = flushOnce(node, generation, emulatedFua && node.children.length === 0);
     node.activeFlush = run;
     try {
       await run;
@@ -491,11 +513,12 @@ export async function flush(node: BlockNode): Promise<void> {
   }
 }
 
-async function flushOnce(node: BlockNode, generation: number): Promise<void> {
+async function flushOnce(node: BlockNode, generation: number, pendingLeafWrite: boolean): Promise<void> {
   debugEvent(node.primaryChild, 'flush_to_os');
   await node.driver.coFlushToOs(node);
-  if (!node.openFlags.noFlush && node.flushedGen !== generation) {
-    debugEvent(node.primaryChild, 'flush_to_disk');
+  const unflushed = node.flushedGen !== generation;
+  if (!node.openFlags.noFlush && (unflushed || pendingLeafWrite)) {
+    if (unflushed) debugEvent(node.primaryChild, 'flush_to_disk');
     await node.driver.coFlushToDisk(node);
   }
   let firstError: unknown = null;

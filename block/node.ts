@@ -13,8 +13,13 @@
  * Permissions: every edge says what its parent does with the child (`perm`)
  * and what it lets others do (`shared`). Attaching an edge whose needs clash
  * with another parent's sharing fails with EPERM, and a read-only node
- * refuses WRITE/RESIZE edges. Requests are issued through edges; the gate
- * refuses writes through an edge that lacks WRITE.
+ * refuses WRITE/RESIZE edges; the refusal is QEMU's "Permission conflict on
+ * node ..." text naming both users. Most edges keep the permissions they
+ * were attached with; a node with a `childPermRule` (copy-before-write)
+ * re-derives its child edges from its parents when a parent joins or
+ * leaves it directly (not on a re-pointed edge: the caller refreshes once
+ * the move is over, as QEMU's bdrv_replace_node). Requests are issued
+ * through edges; the gate refuses writes through an edge that lacks WRITE.
  *
  * Drain counts travel along edges: a parent attached to (or detached from)
  * a drained node is quiesced (released) as many times as the node is, so
@@ -90,7 +95,7 @@ export interface OpenFlags {
 
 /** Something that can hold an edge to a node: a node or a BlockBackend. */
 export interface EdgeParent {
-  /** For messages: "node 'x'" or "block device 'y'". */
+  /** For messages: "node 'x'", "block device 'y'" or "an unnamed block device". */
   describe(): string;
   /** Requests this parent has started and not finished. */
   readonly inFlight: number;
@@ -174,6 +179,13 @@ export class BlockNode implements EdgeParent {
   flushedGen = 0;
   /** The flush in progress, which later flushes of the same generation join. */
   activeFlush: Promise<void> | null = null;
+  /**
+   * What this node takes and shares on a child edge given its own parents
+   * (QEMU's bdrv_child_perm), for nodes whose child permissions follow their
+   * parents; applied by refreshChildPerms. Null: the edges keep what they
+   * were attached with.
+   */
+  childPermRule: ((edge: BdrvChild) => { perm: number; shared: number }) | null = null;
   /** Dirty bitmaps on this node, newest first (block/dirty-bitmap.ts); the gate marks the recording ones. */
   readonly dirtyBitmaps: DirtyBitmap[] = [];
   private idleWaiters: Array<() => void> = [];
@@ -279,32 +291,76 @@ export class BlockNode implements EdgeParent {
   }
 }
 
+/** One user of a node, as the permission check sees it (an edge, or an edge about to be). */
+interface PermUser {
+  parent: EdgeParent;
+  name: string;
+  perm: number;
+  shared: number;
+}
+
+/** QEMU's bdrv_a_allow_b: null when `a` shares all that `b` needs, else QEMU's refusal. */
+function refusal(node: BlockNode, a: PermUser, b: PermUser): string | null {
+  const missing = b.perm & ~a.shared;
+  if (!missing) return null;
+  const at = `node '${node.nodeName}'`;
+  return (
+    `Permission conflict on ${at}: permissions '${permNames(missing)}' are both required by ` +
+    `${b.parent.describe()} (uses ${at} as '${b.name}' child) and unshared by ${a.parent.describe()} (uses ${at} as '${a.name}' child).`
+  );
+}
+
 /**
- * Checks that an edge needing `perm` and sharing `shared` can sit beside the
- * node's other parents (`except` is the edge being updated, if any).
- * Returns a reason for refusal, or null.
+ * Checks that `candidate` (a new or changed edge) can sit beside the node's
+ * other parents (`except` is the edge being updated, if any). Returns a
+ * reason for refusal, or null. Pairs are tried in QEMU's order
+ * (bdrv_parent_perms_conflict): its parent list is newest first and the
+ * candidate joins at the head, so the candidate's sharing is tried first.
  */
-export function permissionConflict(
-  node: BlockNode,
-  perm: number,
-  shared: number,
-  except?: BdrvChild,
-): string | null {
-  if (node.readOnly && perm & (Perm.WRITE | Perm.RESIZE)) {
+export function permissionConflict(node: BlockNode, candidate: PermUser, except?: BdrvChild): string | null {
+  if (node.readOnly && candidate.perm & (Perm.WRITE | Perm.RESIZE)) {
     return `Block node '${node.nodeName}' is read-only`;
   }
-  for (const other of node.parents) {
-    if (other === except) continue;
-    const wanted = perm & ~other.shared;
-    if (wanted) {
-      return `Conflicts with use by ${other.describe()}, which does not allow '${permNames(wanted)}' on ${node.nodeName}`;
-    }
-    const held = other.perm & ~shared;
-    if (held) {
-      return `Conflicts with use by ${other.describe()}, which uses '${permNames(held)}' on ${node.nodeName}`;
+  const users: PermUser[] = [candidate, ...node.parents.filter((e) => e !== except).reverse()];
+  for (const a of users) {
+    for (const b of users) {
+      if (a === b || (a !== candidate && b !== candidate)) continue;
+      const reason = refusal(node, a, b);
+      if (reason) return reason;
     }
   }
   return null;
+}
+
+/** Changes what an edge takes and shares, after checking its node's other parents. */
+export function setEdgePerms(edge: BdrvChild, perm: number, shared: number): void {
+  const reason = permissionConflict(edge.node, { parent: edge.parent, name: edge.name, perm, shared }, edge);
+  if (reason) throw new BlockError('EPERM', reason);
+  edge.perm = perm;
+  edge.shared = shared;
+}
+
+/**
+ * Re-derives what `node` takes on its children from its parents, for nodes
+ * with a rule (QEMU's bdrv_child_perm; only some filters have one here).
+ * Edges changed before a refusal are put back, and the refusal is thrown.
+ */
+export function refreshChildPerms(node: BlockNode): void {
+  const rule = node.childPermRule;
+  if (!rule) return;
+  const done: Array<[BdrvChild, number, number]> = [];
+  try {
+    for (const edge of node.children) {
+      const next = rule(edge);
+      if (next.perm === edge.perm && next.shared === edge.shared) continue;
+      const before: [BdrvChild, number, number] = [edge, edge.perm, edge.shared];
+      setEdgePerms(edge, next.perm, next.shared);
+      done.push(before);
+    }
+  } catch (e) {
+    for (const [edge, perm, shared] of done.reverse()) [edge.perm, edge.shared] = [perm, shared];
+    throw e;
+  }
 }
 
 /** Passes a drained child's quiesce count on to a parent joining (+1) or leaving (-1) it. */
@@ -324,13 +380,28 @@ export function attachChild(
   perm: number,
   shared: number,
 ): BdrvChild {
-  const reason = permissionConflict(node, perm, shared);
-  if (reason) throw new BlockError('EPERM', reason);
   const edge = new BdrvChild(name, role, parent, node, perm, shared);
+  const reason = permissionConflict(node, edge);
+  if (reason) throw new BlockError('EPERM', reason);
   node.parents.push(edge);
+  try {
+    refreshChildPerms(node);
+  } catch (e) {
+    node.parents.pop();
+    throw e;
+  }
   if (parent instanceof BlockNode) parent.children.push(edge);
   carryQuiesce(parent, node, 1);
   return edge;
+}
+
+/** A parent left: what the node takes on its children can only shrink, so a refusal is not expected (QEMU ignores it too). */
+function relaxChildPerms(node: BlockNode): void {
+  try {
+    refreshChildPerms(node);
+  } catch {
+    // The edges keep their old permissions.
+  }
 }
 
 /** Removes an edge from both ends. */
@@ -338,6 +409,7 @@ export function detachChild(edge: BdrvChild): void {
   const i = edge.node.parents.indexOf(edge);
   if (i < 0) return;
   edge.node.parents.splice(i, 1);
+  relaxChildPerms(edge.node);
   const p = edge.parent;
   if (p instanceof BlockNode) {
     const j = p.children.indexOf(edge);
@@ -348,7 +420,7 @@ export function detachChild(edge: BdrvChild): void {
 
 /** Re-points an edge at another node (mirror pivot, backing changes). */
 export function replaceChildNode(edge: BdrvChild, node: BlockNode): void {
-  const reason = permissionConflict(node, edge.perm, edge.shared);
+  const reason = permissionConflict(node, edge);
   if (reason) throw new BlockError('EPERM', reason);
   const i = edge.node.parents.indexOf(edge);
   if (i >= 0) edge.node.parents.splice(i, 1);

@@ -22,7 +22,10 @@
  *
  * Run: walk the copy bitmap's dirty areas from the start until none is
  * left, copying a piece at a time (copies the filter made meanwhile are
- * skipped), sleeping for the speed limit after each piece. A failed piece
+ * skipped), sleeping for the speed limit after each piece. With a speed
+ * limit, zero runs go in chunks like data (QEMU's block-copy charges each
+ * task, zeroes included), so a mostly empty source takes its length at the
+ * speed; without one a zero run is one piece. A failed piece
  * goes through on-source-error (read) or on-target-error (write): `stop`
  * pauses and retries after resume, `ignore` retries, `report` fails.
  *
@@ -222,7 +225,7 @@ async function backupRun(job: Job, s: BackupState): Promise<void> {
     if (!area) return;
     let copied = 0;
     try {
-      copied = await copier.copyFirstOf(area.offset, area.bytes);
+      copied = await copier.copyFirstOf(area.offset, area.bytes, job.speed > 0 ? copier.chunkBytes : undefined);
     } catch (e) {
       const err = e instanceof CopyError ? e : new CopyError(true, toBlockError(e));
       const policy = (err.isRead ? s.opts.onSourceError : s.opts.onTargetError) ?? 'report';

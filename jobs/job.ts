@@ -148,6 +148,12 @@ export class Job implements EdgeParent {
   /** Cancelled before start: QEMU emits no end event and dismisses it at once. */
   private cancelledUnstarted = false;
   private finished = false;
+  /**
+   * Finalizing or aborting has begun. QEMU does either in one step, so no
+   * verb can arrive in between; ours awaits the kind's hooks, and a cancel
+   * or finalize arriving then is ignored (the outcome is already decided).
+   */
+  private ending = false;
   /** Ends the job's current yield (sleep or pause point); set only while it yields. */
   private wake: (() => void) | null = null;
   /** Resolves when the job reaches null (or concluded without auto-dismiss). */
@@ -256,6 +262,8 @@ export class Job implements EdgeParent {
   }
 
   private async finalizeNow(): Promise<void> {
+    if (this.ending) return;
+    this.ending = true;
     try {
       await this.driver.prepare?.(this);
     } catch (e) {
@@ -269,6 +277,8 @@ export class Job implements EdgeParent {
   }
 
   private async abortAndConclude(): Promise<void> {
+    if (this.ending && this.status === 'aborting') return;
+    this.ending = true;
     this.transition('aborting');
     await this.runHook(() => this.driver.abort?.(this));
     await this.runHook(() => this.driver.clean?.(this));
@@ -570,6 +580,7 @@ export class Job implements EdgeParent {
   cancel(force: boolean): void {
     this.checkVerb('cancel');
     if (this.status === 'pending') {
+      if (this.ending) return;
       // Finished its work but not finalized: abort now.
       this.cancelFlag = true;
       this.forceCancel = true;

@@ -209,8 +209,9 @@ export class Mirror implements JobDriver, MirrorTopHooks {
     this.filter = await insertMirrorTop(this.graph, this.source, this.opts.filterNodeName ?? null);
     try {
       const resize = this.target.totalBytes < this.source.totalBytes ? Perm.RESIZE : 0;
-      const jobParent = new TransientParent(`block job '${job.id}'`);
-      this.targetEdge = attachChild(jobParent, 'target', 0, this.target, Perm.WRITE | resize, this.kind.targetShared);
+      // QEMU's mirror writes through a BlockBackend of its own: "an unnamed block device" as 'root'.
+      const jobParent = new TransientParent('an unnamed block device');
+      this.targetEdge = attachChild(jobParent, 'root', 0, this.target, Perm.WRITE | resize, this.kind.targetShared);
       this.bitmap = createDirtyBitmap(this.filter, this.granularityBytes, null);
       this.bitmap.disabled = true;
       setMirrorTopHooks(this.filter, this);

@@ -105,8 +105,8 @@ export class NbdExport {
     const name = opts.name ?? node.nodeName;
     const reason = invalidExportOptions(name, opts);
     if (reason) throw new BlockError('EINVAL', reason);
+    // Unnamed, as QEMU's export backends ("an unnamed block device" in permission errors).
     const backend = new BlockBackend(graph, node, {
-      name,
       writable: opts.writable ?? false,
       writeCache: !opts.writethrough,
       shared: Perm.ALL & ~Perm.RESIZE,

@@ -62,9 +62,10 @@ export function processOutput(): Output {
   };
 }
 
-/** A block-layer warning (BlockGraph.onWarning) as printed: verbatim, or `prog: warning: message`. */
-export function warningText(prog: string, message: string, opts?: { verbatim?: boolean }): string {
-  return opts?.verbatim ? message : `${prog}: warning: ${message}\n`;
+/** A block-layer warning (BlockGraph.onWarning) as printed: verbatim, `prog: message` (error), or `prog: warning: message`. */
+export function warningText(prog: string, message: string, opts?: { verbatim?: boolean; error?: boolean }): string {
+  if (opts?.verbatim) return message;
+  return opts?.error ? `${prog}: ${message}\n` : `${prog}: warning: ${message}\n`;
 }
 
 /** Writes `prog: message` to stderr (QEMU's error_report). */

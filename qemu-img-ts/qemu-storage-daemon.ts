@@ -19,6 +19,7 @@ import { Getopt, type LongOption } from './getopt.js';
 import { FORKED_ENV, forkServer, reportReady } from './nbd/serve.js';
 import { OptionProcessor } from './qsd/options.js';
 import { QSD_HELP } from './qsd/help.js';
+import { warningText } from './cli-common.js';
 
 const PROG = 'qemu-storage-daemon';
 const STOP_SIGNALS = ['SIGTERM', 'SIGINT', 'SIGHUP'] as const;
@@ -79,6 +80,7 @@ async function main(argv: string[]): Promise<number> {
   if (forking && !argv.some((a) => a === '-h' || a === '--help' || a === '-V' || a === '--version')) return forkServer();
   const d = new Daemon();
   d.log = (message) => process.stderr.write(`${PROG}: ${message}\n`);
+  d.graph.onWarning = (message, opts) => process.stderr.write(warningText(PROG, message, opts));
   const opts = new OptionProcessor(d);
   try {
     const status = await processOptions(argv, opts, d);

@@ -29,7 +29,7 @@
  * back both caches, clear the dirty bit, flush.
  */
 import path from 'node:path';
-import { BlockError, toBlockError } from '../../block/errors.js';
+import { BlockError, strerror, toBlockError } from '../../block/errors.js';
 import { Req } from '../../block/flags.js';
 import { flush, preadv, pwritev } from '../../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../../block/node.js';
@@ -225,7 +225,10 @@ async function openBacking(node: BlockNode, s: Qcow2State, raw: RawOptions, ctx:
  * written, dirty bit cleared, file flushed (writable, usable images). When
  * the bitmaps cannot be stored the rest still happens but the image is not
  * marked clean, and the close fails with QEMU's "Lost persistent bitmaps"
- * message.
+ * message. A cache that cannot be written back is reported as QEMU's
+ * error_report does ("Failed to flush the L2 table cache: …", through the
+ * graph's warning channel), leaves the image dirty, and does not fail the
+ * close (qcow2_close ignores it).
  */
 export async function closeQcow2(node: BlockNode): Promise<void> {
   const s = stateOf(node);
@@ -235,10 +238,23 @@ export async function closeQcow2(node: BlockNode): Promise<void> {
       () => null,
       (e: unknown) => toBlockError(e, `Lost persistent bitmaps during inactivation of node '${node.nodeName}'`),
     );
-    await s.l2Cache.flush();
-    await s.refcountCache.flush();
-    if (!lost) await markClean(s);
-    await flushFile(s);
+    const l2Written = await flushCacheAtClose(s, s.l2Cache, 'L2 table');
+    const refcountsWritten = await flushCacheAtClose(s, s.refcountCache, 'refcount block');
+    if (l2Written && refcountsWritten) {
+      if (!lost) await markClean(s);
+      await flushFile(s);
+    }
     if (lost) throw lost;
   });
+}
+
+/** qcow2_cache_flush at close: a failure is reported, not thrown; returns whether the cache reached the disk. */
+async function flushCacheAtClose(s: Qcow2State, cache: MetadataCache, what: string): Promise<boolean> {
+  try {
+    await cache.flush();
+    return true;
+  } catch (e) {
+    s.graph.onWarning(`Failed to flush the ${what} cache: ${strerror(toBlockError(e).code)}`, { error: true });
+    return false;
+  }
 }

@@ -17,7 +17,7 @@ import { startBackup, type BackupOptions } from '../../jobs/backup.js';
 import type { Job } from '../../jobs/job.js';
 import { JobRegistry } from '../../jobs/registry.js';
 import { backupCommands } from '../../qmp/commands-backup.js';
-import { memGraph, memOf, pattern } from '../helpers/mem-driver.js';
+import { calls, memGraph, memOf, pattern } from '../helpers/mem-driver.js';
 
 const KiB = 1024;
 const MiB = 1024 * KiB;
@@ -184,6 +184,55 @@ describe('backup job', () => {
     job.cancel(true);
     await job.whenFinished();
     expect(names(s)).toEqual(['BLOCK_JOB_CANCELLED']);
+  });
+});
+
+describe('backup of zero areas (QEMU block-copy tasks)', () => {
+  const SPARSE = 8 * MiB;
+
+  /** A source of SPARSE bytes with data only in its first cluster, and an empty target. */
+  async function sparseSetup(targetOpts: Record<string, unknown> = {}) {
+    const graph = memGraph();
+    const jobs = new JobRegistry(() => undefined);
+    const open = async (name: string, extra: Record<string, unknown>) => {
+      const node = await graph.openNode({ driver: 'test-mem', 'node-name': name, size: SPARSE, ...extra } as OptionTree);
+      node.userOwned = true;
+      return node;
+    };
+    const source = await open('src', {});
+    const target = await open('tgt', targetOpts);
+    await new BlockBackend(graph, source, { name: 'fill', writable: true }).pwrite(0, pattern(CLUSTER, 7));
+    const run = (speed?: number) => startBackup({ graph, jobs }, { jobId: 'z', source, target, sync: 'full', ...(speed ? { speed } : {}) });
+    const zeroWrites = () => calls(memOf(target).log, ['write-zeroes']);
+    return { run, zeroWrites };
+  }
+
+  it('without a speed limit a zero run is one write-zeroes', async () => {
+    const s = await sparseSetup();
+    const job = await s.run();
+    await job.whenFinished();
+    expect(job.error).toBeUndefined();
+    expect(s.zeroWrites()).toEqual([`write-zeroes ${CLUSTER}+${SPARSE - CLUSTER}`]);
+  });
+
+  it('with a speed limit zero runs go in 1 MiB chunks, each charged to the limit', async () => {
+    const s = await sparseSetup();
+    const job = await s.run(8 * MiB);
+    const early = await new Promise<number>((r) => setTimeout(() => r(job.lenOffsetSpeed().offset), 150));
+    await job.whenFinished();
+    expect(job.error).toBeUndefined();
+    // Paced like data: after 150 ms at 8 MiB/s about 1.2 MiB (plus the first chunks), far from all 8 MiB.
+    expect(early).toBeLessThan(SPARSE / 2);
+    // As QEMU's tasks: each chunk starts where the last one ended (after the data cluster).
+    const chunks = Array.from({ length: SPARSE / MiB }, (_, i) => `write-zeroes ${CLUSTER + i * MiB}+${i < SPARSE / MiB - 1 ? MiB : MiB - CLUSTER}`);
+    expect(s.zeroWrites()).toEqual(chunks);
+  });
+
+  it('chunks are capped by the nodes\' max transfer, aligned to the cluster', async () => {
+    const s = await sparseSetup({ 'max-transfer': 3 * CLUSTER + 512 });
+    const job = await s.run(1024 * MiB);
+    await job.whenFinished();
+    expect(s.zeroWrites().slice(0, 2)).toEqual([`write-zeroes ${CLUSTER}+${3 * CLUSTER}`, `write-zeroes ${4 * CLUSTER}+${3 * CLUSTER}`]);
   });
 });
 

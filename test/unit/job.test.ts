@@ -226,6 +226,46 @@ describe('cancel', () => {
   });
 });
 
+describe('verbs while finalizing', () => {
+  /** A driver whose prepare (the finalize step) waits until `finish` is called. */
+  function slowFinalize() {
+    let finish!: () => void;
+    const finished = new Promise<void>((r) => (finish = r));
+    const driver: JobDriver = { type: 'backup', run: async () => {}, prepare: () => finished };
+    return { driver, finish };
+  }
+
+  it('a cancel or a second finalize arriving while an auto-finalize runs is ignored, never a crash', async () => {
+    const { reg, names } = setup();
+    const { driver, finish } = slowFinalize();
+    const job = reg.create(driver, { id: 'fin' });
+    job.start();
+    await waitFor(() => job.status === 'pending');
+    job.cancel(false);
+    job.cancel(true);
+    finish();
+    await job.whenFinished();
+    expect(names().slice(-4)).toEqual(['pending', 'BLOCK_JOB_COMPLETED', 'concluded', 'null']);
+  });
+
+  it('job-finalize twice, then cancel, while the first finalize runs: one ending', async () => {
+    const { reg, names } = setup();
+    const { driver, finish } = slowFinalize();
+    const job = reg.create(driver, { id: 'fin2', autoFinalize: false });
+    job.start();
+    await waitFor(() => job.status === 'pending');
+    job.finalize();
+    job.finalize();
+    job.cancel(false);
+    finish();
+    await job.whenFinished();
+    expect(names().filter((n) => n === 'concluded' || n === 'BLOCK_JOB_COMPLETED' || n === 'BLOCK_JOB_CANCELLED')).toEqual([
+      'BLOCK_JOB_COMPLETED',
+      'concluded',
+    ]);
+  });
+});
+
 describe('errors', () => {
   it('a failing job reports BLOCK_JOB_COMPLETED with the error and aborts', async () => {
     const { reg, names, events } = setup();

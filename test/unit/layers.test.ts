@@ -98,11 +98,15 @@ describe('call order through stacked filters', () => {
     expect(take()).toEqual([]);
   });
 
+  // QEMU 7.2 (bdrv_driver_pwritev, then bdrv_co_write_req_finish): the
+  // emulated FUA flush runs inside the write request, before the top node
+  // counts the write, so the top's own flush is skipped as already clean;
+  // the nodes below have finished their writes and flush.
   it('emulates FUA at the top with one flush walking down the stack after the write', async () => {
     const { blk, take } = await stack();
     take();
     await blk.pwrite(0, pattern(512, 1), Req.FUA);
-    expect(take()).toEqual([...through('write', 0, 512), ...flushes]);
+    expect(take()).toEqual([...through('write', 0, 512), ...flushes.filter((call) => !call.startsWith('A'))]);
   });
 
   it('does read-modify-write at the layer with the alignment', async () => {
