@@ -22,7 +22,7 @@ import { preadv, refreshLength } from '../block/io.js';
 import { attachChild, BlockNode, ChildRole, type BdrvChild } from '../block/node.js';
 import { normaliseDriver, type BlockDriver } from '../block/driver.js';
 import type { BlockGraph } from '../block/graph.js';
-import { invalidNodeName } from '../block/options.js';
+import { jobFilterName } from './mirror-top.js';
 import { replaceNode } from '../block/replace.js';
 
 export const COMMIT_TOP_DRIVER = 'commit_top';
@@ -46,18 +46,9 @@ const normalisedCommitTop = normaliseDriver(commitTopDriver);
 /** Prefix of automatic names ('#' cannot start a user's node name). */
 const IMPLICIT_NAME_PREFIX = '#commit-top';
 
-function implicitName(graph: BlockGraph): string {
-  let i = 1;
-  while (graph.nodes.has(`${IMPLICIT_NAME_PREFIX}${i}`)) i++;
-  return `${IMPLICIT_NAME_PREFIX}${i}`;
-}
-
 /** Builds a commit_top node above `top` and moves top's parents onto it (bdrv_append). */
 export async function insertCommitTop(graph: BlockGraph, top: BlockNode, nodeName: string | undefined): Promise<BlockNode> {
-  const reason = nodeName === undefined ? null : invalidNodeName(nodeName);
-  if (reason) throw new BlockError('EINVAL', reason);
-  const name = nodeName ?? implicitName(graph);
-  if (graph.nodes.has(name)) throw new BlockError('EEXIST', `Duplicate nodes with node-name='${name}'`);
+  const name = jobFilterName(graph, nodeName ?? null, IMPLICIT_NAME_PREFIX);
   const filter = new BlockNode(normalisedCommitTop, name, nodeName === undefined, true, { ...top.openFlags, detectZeroes: 'off' });
   filter.opaque = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, top, 0, Perm.ALL);
   filter.limits = { ...top.limits };

@@ -104,10 +104,18 @@ const IMPLICIT_NAME_PREFIX = '#mirror-top';
 /** The normalised driver, built once (the filter is not in the graph's driver list). */
 const normalisedMirrorTop = normaliseDriver(mirrorTopDriver);
 
-function implicitName(graph: BlockGraph): string {
-  let i = 1;
-  while (graph.nodes.has(`${IMPLICIT_NAME_PREFIX}${i}`)) i++;
-  return `${IMPLICIT_NAME_PREFIX}${i}`;
+/**
+ * The node name of a job's filter: the user's `nodeName`, checked as
+ * QEMU checks it and refused when taken, or (null) the first free
+ * `${implicitPrefix}N`, which no user name can collide with.
+ */
+export function jobFilterName(graph: BlockGraph, nodeName: string | null, implicitPrefix: string): string {
+  const reason = nodeName === null ? null : invalidNodeName(nodeName);
+  if (reason) throw new BlockError('EINVAL', reason);
+  let name = nodeName;
+  for (let i = 1; name === null; i++) if (!graph.nodes.has(`${implicitPrefix}${i}`)) name = `${implicitPrefix}${i}`;
+  if (graph.nodes.has(name)) throw new BlockError('EEXIST', `Duplicate nodes with node-name='${name}'`);
+  return name;
 }
 
 /**
@@ -116,10 +124,7 @@ function implicitName(graph: BlockGraph): string {
  * the job is set up. `nodeName` null gives an automatic name.
  */
 export async function insertMirrorTop(graph: BlockGraph, source: BlockNode, nodeName: string | null): Promise<BlockNode> {
-  const name = nodeName ?? implicitName(graph);
-  const reason = nodeName === null ? null : invalidNodeName(nodeName);
-  if (reason) throw new BlockError('EINVAL', reason);
-  if (graph.nodes.has(name)) throw new BlockError('EEXIST', `Duplicate nodes with node-name='${name}'`);
+  const name = jobFilterName(graph, nodeName, IMPLICIT_NAME_PREFIX);
   const filter = new BlockNode(normalisedMirrorTop, name, nodeName === null, source.readOnly, {
     ...source.openFlags,
     detectZeroes: 'off',
