@@ -25,6 +25,7 @@
  * dotted keys already put there.
  */
 import { BlockError } from './errors.js';
+import { parseQemuJson } from './json-stream.js';
 
 export type OptionTree = { [key: string]: OptionValue };
 export type OptionValue = string | number | boolean | null | OptionTree | OptionValue[];
@@ -166,9 +167,25 @@ export const JSON_FILENAME_PREFIX = 'json:';
 export function parseJsonFilename(filename: string): OptionTree {
   let parsed: unknown;
   try {
-    parsed = JSON.parse(filename.slice(JSON_FILENAME_PREFIX.length));
+    parsed = parseQemuJson(filename.slice(JSON_FILENAME_PREFIX.length));
   } catch (e) {
     throw invalid(`Could not parse the JSON options: ${(e as Error).message}`);
+  }
+  if (!isPlainObject(parsed)) throw invalid('Invalid JSON object given');
+  return unflatten(Object.entries(parsed));
+}
+
+/**
+ * A JSON option argument (qemu-storage-daemon's `--blockdev {...}`, which
+ * QEMU reads as JSON when it starts with `{`): QEMU's JSON errors as they
+ * are, without the filename's prefix.
+ */
+export function parseJsonOption(text: string): OptionTree {
+  let parsed: unknown;
+  try {
+    parsed = parseQemuJson(text);
+  } catch (e) {
+    throw invalid((e as Error).message);
   }
   if (!isPlainObject(parsed)) throw invalid('Invalid JSON object given');
   return unflatten(Object.entries(parsed));

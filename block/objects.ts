@@ -2,7 +2,10 @@
  * `--object` (QEMU's user_creatable_process_cmdline): QOM objects given on
  * the command line, such as secrets for encrypted images.
  *
- * The definition is keyval with `qom-type` implied for the first element.
+ * The definition is keyval with `qom-type` implied for the first element,
+ * or JSON when it starts with `{` (read by QEMU's JSON parser; booleans
+ * and numbers are recorded as keyval would give them, on/off and decimal
+ * text, for the users that read the properties).
  * Checks in QEMU's order, each with QEMU's text: `help` (alone, or after a
  * type) lists the types or the type's properties and ends the program
  * with status 0; qom-type missing or unknown; id missing or not an
@@ -16,7 +19,7 @@
  * qemu-nbd-ts and the daemon (`--object`, object-add), hence in block/.
  */
 import { BlockError } from './errors.js';
-import { parseKeyval, type OptionTree } from './keyval.js';
+import { parseJsonOption, parseKeyval, type OptionTree, type OptionValue } from './keyval.js';
 import { throttleConfigFromProps } from './throttle-object.js';
 
 /** The user-creatable types of qemu-img 7.2, in its `--object help` order. */
@@ -55,9 +58,11 @@ export class ObjectRegistry {
 
   /** Adds an object from its definition; returns help text to print instead, or null. */
   add(definition: string): string | null {
+    const json = definition.startsWith('{');
     const elements = definition.split(',');
-    if (elements.includes('help') || elements.includes('?')) return helpFor(elements[0]!.replace(/^qom-type=/, ''));
-    const { 'qom-type': qomType, id, ...props } = parseKeyval(definition, 'qom-type');
+    if (!json && (elements.includes('help') || elements.includes('?'))) return helpFor(elements[0]!.replace(/^qom-type=/, ''));
+    const tree = json ? asKeyvalText(parseJsonOption(definition)) : parseKeyval(definition, 'qom-type');
+    const { 'qom-type': qomType, id, ...props } = tree;
     if (typeof qomType !== 'string') throw new BlockError('EINVAL', "Parameter 'qom-type' is missing");
     if (!(QOM_TYPES as readonly string[]).includes(qomType)) {
       throw new BlockError('EINVAL', `Parameter 'qom-type' does not accept value '${qomType}'`);
@@ -80,6 +85,21 @@ export class ObjectRegistry {
     this.objects.set(id, { qomType, id, props });
     return null;
   }
+}
+
+/** JSON scalars as keyval text: booleans on/off, numbers in decimal. */
+function asKeyvalText(tree: OptionTree): OptionTree {
+  const out: OptionTree = {};
+  for (const [key, value] of Object.entries(tree)) out[key] = scalarText(value);
+  return out;
+}
+
+function scalarText(value: OptionValue): OptionValue {
+  if (typeof value === 'boolean') return value ? 'on' : 'off';
+  if (typeof value === 'number') return String(value);
+  if (Array.isArray(value)) return value.map(scalarText);
+  if (value !== null && typeof value === 'object') return asKeyvalText(value);
+  return value;
 }
 
 function checkProperties(qomType: string, props: OptionTree): void {

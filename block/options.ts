@@ -18,6 +18,30 @@ import { BlockError } from './errors.js';
 import type { OptionTree, OptionValue } from './keyval.js';
 import { parseSize } from './units.js';
 
+/**
+ * The JSON type QAPI gives a value these helpers accept as text too: QMP
+ * and JSON command-line options are typed, so a string where a boolean or
+ * an integer belongs is refused there (see qapiJsonType).
+ */
+export type QapiJsonType = 'boolean' | 'integer';
+const jsonTypes = new WeakMap<z.ZodType, QapiJsonType>();
+
+function typedAs<S extends z.ZodType>(schema: S, type: QapiJsonType): S {
+  jsonTypes.set(schema, type);
+  return schema;
+}
+
+/** The QAPI JSON type of a driver option's schema (optional, default and transform wrappers looked through), or null. */
+export function qapiJsonType(schema: z.ZodType | undefined): QapiJsonType | null {
+  let s: z.ZodType | undefined = schema;
+  for (;;) {
+    if (s instanceof z.ZodOptional || s instanceof z.ZodDefault) s = s.unwrap() as z.ZodType;
+    else if (s instanceof z.ZodPipe) s = s.in as z.ZodType;
+    else break;
+  }
+  return (s && jsonTypes.get(s)) ?? null;
+}
+
 const BOOL_WORDS: Record<string, boolean> = {
   on: true, yes: true, true: true, y: true,
   off: false, no: false, false: false, n: false,
@@ -25,7 +49,7 @@ const BOOL_WORDS: Record<string, boolean> = {
 
 /** A boolean, or 'on'/'off' (also yes/no, true/false, y/n: qapi_bool_parse). */
 export function zBool(key: string) {
-  return z.union([z.boolean(), z.string()]).transform((v, ctx) => {
+  return typedAs(z.union([z.boolean(), z.string()]), 'boolean').transform((v, ctx) => {
     if (typeof v === 'boolean') return v;
     const b = BOOL_WORDS[v];
     if (b === undefined) {
@@ -58,7 +82,7 @@ function parseNumber(text: string): bigint | null {
 export function zInt(key: string, opts: { min?: number; max?: number } = {}) {
   const min = opts.min ?? 0;
   const max = opts.max ?? Number.MAX_SAFE_INTEGER;
-  return z.union([z.number(), z.string()]).transform((v, ctx) => {
+  return typedAs(z.union([z.number(), z.string()]), 'integer').transform((v, ctx) => {
     const fail = (message: string) => {
       ctx.addIssue({ code: 'custom', message });
       return z.NEVER;
@@ -77,7 +101,7 @@ export function zInt(key: string, opts: { min?: number; max?: number } = {}) {
  * which a JS number cannot hold exactly, are out of range.
  */
 export function zSize(key: string) {
-  return z.union([z.number(), z.string()]).transform((v, ctx) => {
+  return typedAs(z.union([z.number(), z.string()]), 'integer').transform((v, ctx) => {
     const n = typeof v === 'number' ? v : parseSize(v);
     if (n === 'range' || (typeof n === 'number' && n > Number.MAX_SAFE_INTEGER)) {
       ctx.addIssue({ code: 'custom', message: `Value '${v}' is out of range for parameter '${key}'` });

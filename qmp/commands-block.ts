@@ -24,7 +24,7 @@ import type { BlockGraph } from '../block/graph.js';
 import { queryImageInfo, type ImageInfo } from '../block/info.js';
 import type { OptionTree } from '../block/keyval.js';
 import type { BlockNode } from '../block/node.js';
-import { baseOptionsSchema } from '../block/options.js';
+import { baseOptionsSchema, qapiJsonType } from '../block/options.js';
 import { defineCommand, genericError, type QmpCommand } from './command.js';
 import type { Daemon } from './daemon.js';
 import { QapiInputError } from './qapi-errors.js';
@@ -47,6 +47,14 @@ const blockdevBase = z.looseObject({
 
 const blockdevDriver = z.looseObject({ driver: z.string() });
 
+/** The JSON type a typed (QMP, JSON) driver option should have had, when `value` has another. */
+function typeMismatch(schema: z.ZodType | undefined, value: unknown): string | null {
+  const type = qapiJsonType(schema);
+  if (type === 'boolean') return typeof value === 'boolean' ? null : 'boolean';
+  if (type === 'integer') return typeof value === 'number' ? null : 'integer';
+  return null;
+}
+
 /** QAPI's checks of one (nested) node definition at `prefix`. */
 function checkBlockdevTree(graph: BlockGraph, tree: Record<string, unknown>, prefix: string, typed: boolean): void {
   const at = (key: string) => `${prefix}${key}`;
@@ -64,9 +72,12 @@ function checkBlockdevTree(graph: BlockGraph, tree: Record<string, unknown>, pre
   }
   const driver = graph.findDriver(parsed.data.driver);
   if (!driver) throw new QapiInputError(`Parameter '${at('driver')}' does not accept value '${parsed.data.driver}'`);
-  const allowed = new Set([...BASE_KEYS, ...Object.keys(driver.optionsSchema.shape)]);
+  const shape = driver.optionsSchema.shape as Record<string, z.ZodType>;
+  const allowed = new Set([...BASE_KEYS, ...Object.keys(shape)]);
   for (const [key, value] of Object.entries(tree)) {
     if (!allowed.has(key)) throw new QapiInputError(`Parameter '${at(key)}' is unexpected`);
+    const mistyped = typed ? typeMismatch(shape[key], value) : null;
+    if (mistyped) throw new QapiInputError(`Invalid parameter type for '${at(key)}', expected: ${mistyped}`);
     if (CHILD_KEYS.has(key) && typeof value === 'object' && value !== null && !Array.isArray(value)) {
       checkBlockdevTree(graph, value as Record<string, unknown>, `${at(key)}.`, typed);
     }

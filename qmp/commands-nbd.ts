@@ -28,6 +28,7 @@ import { serverTls } from '../nbd/tls-server.js';
 import { listenFailure } from '../nbd/server.js';
 import { defineCommand, genericError, type QmpCommand } from './command.js';
 import type { BlockExportState, Daemon } from './daemon.js';
+import { qUint64 } from './qapi-errors.js';
 
 const EXPORT_ID = /^[A-Za-z][A-Za-z0-9_.-]*$/;
 
@@ -158,10 +159,11 @@ const serverStartArgs = z.strictObject({
   addr: legacyAddr,
   'tls-creds': z.string().optional(),
   'tls-authz': z.string().optional(),
-  'max-connections': z.number().int().min(0).optional(),
+  'max-connections': qUint64().optional(),
 });
 
-const exportAddArgs = z.strictObject({
+/** BlockExportOptions (block-export-add, and qemu-storage-daemon's --export given as JSON). */
+export const exportAddArgs = z.strictObject({
   type: z.enum(['nbd']),
   id: z.string(),
   'fixed-iothread': z.boolean().optional(),

@@ -22,7 +22,7 @@
  */
 import { BlockError, invariant } from '../block/errors.js';
 import { QmpError, type QmpCommand, type QmpErrorClass } from './command.js';
-import type { JsonValue } from './json-stream.js';
+import type { JsonValue } from '../block/json-stream.js';
 import { QapiInputError, parseQapi } from './qapi-errors.js';
 
 export const QMP_CAPABILITIES = 'qmp_capabilities';

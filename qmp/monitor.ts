@@ -19,7 +19,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { toJsonCompact, type QValue } from '../block/qjson.js';
 import { errorResponse, type Dispatcher, type MonitorMode, type MonitorSession } from './dispatch.js';
-import { JsonStream, type StreamItem } from './json-stream.js';
+import { JsonStream, type StreamItem } from '../block/json-stream.js';
 
 /** Requests a client may have queued before its socket is paused. */
 export const MAX_QUEUED_REQUESTS = 8;

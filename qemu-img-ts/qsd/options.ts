@@ -17,17 +17,21 @@
  * An error in an option is "qemu-storage-daemon: --opt ARG: message", exit
  * 1; getopt's own errors are glibc's; an operand is "ARG: Unexpected
  * argument". Keyval values are strings: booleans take on/off (yes/no…),
- * numbers QemuOpts' forms, with the keyval visitor's texts.
+ * numbers QemuOpts' forms, with the keyval visitor's texts. --blockdev,
+ * --export, --monitor, --nbd-server and --object also take JSON (an
+ * argument starting with `{`, as qobject_input_visitor_new_str decides),
+ * read by QEMU's JSON parser (block/json-stream.ts) and typed: a string
+ * where a boolean belongs is "Invalid parameter type for 'x', expected:
+ * boolean".
  */
 import { z } from 'zod';
-import { parseKeyval, type OptionTree } from '../../block/keyval.js';
+import { parseJsonOption, parseKeyval, type OptionTree } from '../../block/keyval.js';
 import { zBool, zInt } from '../../block/options.js';
 import { genericError } from '../../qmp/command.js';
 import { blockdevAdd } from '../../qmp/commands-block.js';
-import { addExport, exportRequestOf, inetAddress, startNbdServer } from '../../qmp/commands-nbd.js';
+import { addExport, exportAddArgs, exportRequestOf, inetAddress, startNbdServer } from '../../qmp/commands-nbd.js';
 import type { Daemon } from '../../qmp/daemon.js';
-import { parseQapi } from '../../qmp/qapi-errors.js';
-import { parseJsonFilename } from '../../block/keyval.js';
+import { parseQapi, qUint64 } from '../../qmp/qapi-errors.js';
 
 /** A chardev QEMU would create: only unix socket servers are supported here. */
 interface Chardev {
@@ -48,22 +52,32 @@ const chardevArgs = z.strictObject({
   wait: zBool('wait').optional(),
 });
 
-const monitorArgs = z.strictObject({
-  chardev: z.string(),
-  mode: z.enum(['control']).optional(),
-  pretty: zBool('pretty').optional(),
-  id: z.string().optional(),
-});
+/** MonitorOptions; keyval (strings) or JSON (typed). */
+const monitorArgs = (typed: boolean) =>
+  z.strictObject({
+    chardev: z.string(),
+    mode: z.enum(['control']).optional(),
+    pretty: (typed ? z.boolean() : zBool('pretty')).optional(),
+    id: z.string().optional(),
+  });
 
-const nbdServerArgs = z.strictObject({
-  addr: z.discriminatedUnion('type', [
-    z.strictObject({ type: z.literal('inet'), host: z.string(), port: z.string() }),
-    z.strictObject({ type: z.literal('unix'), path: z.string() }),
-  ]),
-  'tls-creds': z.string().optional(),
-  'tls-authz': z.string().optional(),
-  'max-connections': zInt('max-connections', { max: 2 ** 32 - 1 }).optional(),
-});
+/** NbdServerOptions (a flat SocketAddress, unlike nbd-server-start's legacy one); keyval or JSON. */
+const nbdServerArgs = (typed: boolean) =>
+  z.strictObject({
+    addr: z.discriminatedUnion('type', [
+      z.strictObject({ type: z.literal('inet'), host: z.string(), port: z.string() }),
+      z.strictObject({ type: z.literal('unix'), path: z.string() }),
+    ]),
+    'tls-creds': z.string().optional(),
+    'tls-authz': z.string().optional(),
+    'max-connections': (typed ? qUint64().max(2 ** 32 - 1) : zInt('max-connections', { max: 2 ** 32 - 1 })).optional(),
+  });
+
+/** An option argument as QEMU's qobject_input_visitor_new_str reads it: JSON when it starts with `{`. */
+function optionInput(arg: string, impliedKey?: string): { tree: OptionTree; typed: boolean } {
+  const typed = arg.startsWith('{');
+  return { tree: typed ? parseJsonOption(arg) : parseKeyval(arg, impliedKey), typed };
+}
 
 const exportArgs = z.strictObject({
   type: z.enum(['nbd']),
@@ -90,7 +104,7 @@ export class OptionProcessor {
   async apply(key: string, arg: string): Promise<'exit' | void> {
     switch (key) {
       case 'blockdev':
-        return blockdevAdd(this.d, arg.startsWith('{') ? parseJsonFilename(`json:${arg}`) : parseKeyval(arg, 'driver'), arg.startsWith('{'));
+        return this.blockdev(arg);
       case 'object':
         return this.object(arg);
       case 'chardev':
@@ -105,6 +119,11 @@ export class OptionProcessor {
         this.setup.pidFile = arg;
         return;
     }
+  }
+
+  private async blockdev(arg: string): Promise<void> {
+    const { tree, typed } = optionInput(arg, 'driver');
+    await blockdevAdd(this.d, tree, typed);
   }
 
   private object(arg: string): 'exit' | void {
@@ -122,19 +141,22 @@ export class OptionProcessor {
   }
 
   private async monitor(arg: string): Promise<void> {
-    const a = parseQapi(monitorArgs, parseKeyval(arg, 'chardev'));
+    const { tree, typed } = optionInput(arg, 'chardev');
+    const a = parseQapi(monitorArgs(typed), tree);
     const chardev = this.chardevs.get(a.chardev);
     if (!chardev) throw genericError(`chardev "${a.chardev}" not found`);
     await this.d.addMonitor(chardev.path, { serve: false });
   }
 
   private async nbdServer(arg: string): Promise<void> {
-    const a = parseQapi(nbdServerArgs, parseKeyval(arg));
+    const { tree, typed } = optionInput(arg);
+    const a = parseQapi(nbdServerArgs(typed), tree);
     const addr = a.addr.type === 'unix' ? { type: 'unix' as const, path: a.addr.path } : inetAddress(a.addr.host, a.addr.port);
     await startNbdServer(this.d, { addr, tlsCreds: a['tls-creds'], tlsAuthz: a['tls-authz'], maxConnections: a['max-connections'] });
   }
 
   private export(arg: string): void {
-    addExport(this.d, exportRequestOf(parseQapi(exportArgs, parseKeyval(arg, 'type') as OptionTree)));
+    const { tree, typed } = optionInput(arg, 'type');
+    addExport(this.d, exportRequestOf(typed ? parseQapi(exportAddArgs, tree) : parseQapi(exportArgs, tree)));
   }
 }

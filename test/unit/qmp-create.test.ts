@@ -13,7 +13,7 @@ import { describe, expect, it } from 'vitest';
 import { queryImageInfo } from '../../block/info.js';
 import { Daemon } from '../../qmp/daemon.js';
 import type { MonitorSession } from '../../qmp/dispatch.js';
-import type { JsonValue } from '../../qmp/json-stream.js';
+import type { JsonValue } from '../../block/json-stream.js';
 import { scratchDir } from '../helpers/tmp.js';
 
 const MiB = 1024 * 1024;

@@ -12,7 +12,7 @@ import { z } from 'zod';
 import { defineCommand, genericError } from '../../qmp/command.js';
 import { Daemon } from '../../qmp/daemon.js';
 import { Dispatcher } from '../../qmp/dispatch.js';
-import { JsonStream, MAX_NESTING, type JsonValue, type StreamItem } from '../../qmp/json-stream.js';
+import { JsonStream, MAX_NESTING, type JsonValue, type StreamItem } from '../../block/json-stream.js';
 import { scratchDir } from '../helpers/tmp.js';
 
 const enc = (s: string) => new TextEncoder().encode(s);
