@@ -1,8 +1,7 @@
 /*
- * Backing chains: walking them, finding an image in one by name, changing
- * the backing file an image names, and making a backing image writable
- * (what qemu-img commit and rebase, and later the commit and stream jobs,
- * need from block.c).
+ * Backing chains: walking them, finding an image in one by name, and
+ * changing the backing file an image names (what qemu-img commit and
+ * rebase and the commit and stream jobs need from block.c).
  *
  * `findBackingImage` is QEMU's bdrv_find_backing_image: for each image of
  * the chain that has a backing file, the name asked for is compared with
@@ -20,23 +19,17 @@
  * names without formats). Everything written to the node before is flushed
  * first; the driver then rewrites its header durably. The graph does not
  * change.
- *
- * `reopenReadWrite` stands in for bdrv_reopen_set_read_only(node, false),
- * which the graph has no general form of yet: it opens a writable twin of
- * a read-only node from the options the node was opened with (children
- * named by node name are described by their own options), moves every
- * parent edge onto the twin, and closes the old node. Formats are as
- * opened, never probed again, so a probed raw image loses its first-sector
- * guard.
+ * `updateBackingName` is what an overlay does when the image below it
+ * changes (bdrv_child_cb_update_filename): a read-only overlay is reopened
+ * read-write around the header rewrite.
  */
 import fs from 'node:fs';
 import { BlockError } from './errors.js';
 import { flush } from './io.js';
 import { fullBackingFilename, hasProtocol } from './create.js';
-import type { BlockGraph, Inherited } from './graph.js';
 import type { DriverBackingInfo } from './info.js';
-import type { OptionTree, OptionValue } from './keyval.js';
-import { ChildRole, replaceChildNode, type BlockNode } from './node.js';
+import type { BlockNode } from './node.js';
+import { reopenSetReadOnly } from './reopen.js';
 
 /** The image below `node`, filters skipped on both sides (bdrv_backing_chain_next). */
 export function backingChainNext(node: BlockNode): BlockNode | null {
@@ -93,42 +86,18 @@ export async function changeBackingFile(
   await node.driver.changeBackingFile(node, backingFile, backingFormat);
 }
 
-/** Keys of a node's options that the twin must not copy: it gets its own name and flags. */
-const NOT_REOPENED = new Set(['node-name', 'read-only', 'force-share']);
-
-/** Options that open `node` again as it is (see the note at the top). */
-function reopenOptions(node: BlockNode): OptionTree {
-  const spec: OptionTree = {};
-  for (const [key, value] of Object.entries(node.options)) {
-    if (!NOT_REOPENED.has(key)) spec[key] = value as OptionValue;
-  }
-  spec.driver = node.driver.name;
-  for (const child of node.children) {
-    if (!(child.role & ChildRole.COW) && typeof spec[child.name] === 'string') spec[child.name] = reopenOptions(child.node);
-  }
-  return spec;
-}
-
-/** Makes `node` writable by replacing it with a writable twin (see the note at the top); returns the twin. */
-export async function reopenReadWrite(
-  graph: BlockGraph,
-  node: BlockNode,
-  flags: Pick<Inherited, 'direct' | 'noFlush' | 'unmap'> = {},
-): Promise<BlockNode> {
-  if (!node.readOnly) return node;
-  const inherit: Inherited = { syncIo: node.openFlags.syncIo, ...flags, readOnly: false };
-  const twin = await graph.openNode(reopenOptions(node), inherit);
-  const moved = [];
+/**
+ * bdrv_child_cb_update_filename: `overlay` names its new backing image
+ * (`name`, `format`) in its header; a read-only overlay is made writable
+ * for that and read-only again after (block/reopen.ts; a failure to
+ * restore is ignored, as QEMU ignores it).
+ */
+export async function updateBackingName(overlay: BlockNode, name: string | null, format: string | null): Promise<void> {
+  const wasReadOnly = overlay.readOnly;
+  if (wasReadOnly) await reopenSetReadOnly(overlay, false);
   try {
-    for (const edge of [...node.parents]) {
-      replaceChildNode(edge, twin);
-      moved.push(edge);
-    }
-  } catch (e) {
-    for (const edge of moved) replaceChildNode(edge, node);
-    await graph.unref(twin);
-    throw e;
+    await changeBackingFile(overlay, name, format, false);
+  } finally {
+    if (wasReadOnly) await reopenSetReadOnly(overlay, true).catch(() => undefined);
   }
-  await graph.unref(node);
-  return twin;
 }

@@ -36,7 +36,8 @@ import { DirtyBitmap } from './dirty-bitmap.js';
 import { BlockError, toBlockError } from './errors.js';
 import { Perm, Req, Status, alignDown, alignUp } from './flags.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev } from './io.js';
-import { ChildRole, refreshChildPerms, type BdrvChild, type BlockNode } from './node.js';
+import { ChildRole, refreshPermsBelow, type BdrvChild, type BlockNode } from './node.js';
+import { filterDefaultPerms, type ParentPerms, type PermPair } from './perms.js';
 import { zBlockdevRef } from './options.js';
 import { blockStatusAbove } from './status.js';
 
@@ -193,8 +194,6 @@ interface CbwState {
   file: BdrvChild;
   target: BdrvChild;
   copier: BlockCopy | null;
-  /** The job let go of the filter (it is being taken out): its source needs no guarding any more. */
-  released?: boolean;
 }
 
 const state = (node: BlockNode) => node.opaque as CbwState;
@@ -202,21 +201,12 @@ const state = (node: BlockNode) => node.opaque as CbwState;
 /**
  * Attaches the copy state the filter consults before writes (null:
  * pass-through). The filter's child permissions are derived again: the
- * backup job that attaches it is a user of the filter (QEMU's job edge),
- * and by now the source's parents have moved onto the filter. Taking the
- * copy state away releases the filter: its parents are about to move back
- * onto the source one by one, so the source is no longer kept from writers
- * (QEMU drops the filter and moves them all at once).
+ * backup job that attaches it is a user of the filter (QEMU's job edge).
  */
 export function setCopyState(filter: BlockNode, copier: BlockCopy | null): void {
-  const st = state(filter);
-  st.released = st.copier !== null && copier === null;
-  st.copier = copier;
-  refreshChildPerms(filter);
+  state(filter).copier = copier;
+  refreshPermsBelow(filter);
 }
-
-/** What a filter passes on of its parents' permissions (QEMU's DEFAULT_PERM_PASSTHROUGH: all Perm bits here). */
-const PASSTHROUGH_PERMS = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANGED | Perm.RESIZE;
 
 /**
  * cbw_child_perm: the target is only written, and shared with all but
@@ -225,14 +215,11 @@ const PASSTHROUGH_PERMS = Perm.CONSISTENT_READ | Perm.WRITE | Perm.WRITE_UNCHANG
  * writes come with consistent reads (the old data is copied first) and
  * nobody may write or resize the source beside the filter.
  */
-function cbwChildPerms(filter: BlockNode, role: number): { perm: number; shared: number } {
+function cbwChildPerms(filter: BlockNode, role: number, users: ParentPerms): PermPair {
   if (!(role & ChildRole.FILTERED)) return { perm: Perm.WRITE, shared: Perm.ALL & ~Perm.RESIZE };
-  const users = filter.parentPerms();
-  let perm = users.perm & PASSTHROUGH_PERMS;
-  let shared = users.shared & PASSTHROUGH_PERMS;
+  let { perm, shared } = filterDefaultPerms(users);
   const st = filter.opaque as CbwState | undefined;
-  const inUse = !!st?.copier || (filter.parents.length > 0 && !st?.released);
-  if (inUse) {
+  if (st?.copier || filter.parents.length > 0) {
     if (perm & Perm.WRITE) perm |= Perm.CONSISTENT_READ;
     shared &= ~(Perm.WRITE | Perm.RESIZE);
   }
@@ -252,15 +239,14 @@ export const copyBeforeWriteDriver: BlockDriver = {
   isFilter: true,
   optionsSchema: z.object({ file: zBlockdevRef, target: zBlockdevRef }),
   async open(node, _options, ctx) {
-    // With no users yet the filter takes nothing on its source; its parents arrive later (refreshChildPerms).
-    const fileRole = ChildRole.FILTERED | ChildRole.PRIMARY;
-    const file = (await ctx.openChild('file', fileRole, { perms: () => cbwChildPerms(node, fileRole) }))!;
-    const target = (await ctx.openChild('target', ChildRole.DATA, { perms: () => cbwChildPerms(node, ChildRole.DATA) }))!;
-    node.childPermRule = (edge) => cbwChildPerms(node, edge.role);
+    // With no users yet the filter takes nothing on its source; its parents arrive later.
+    const file = (await ctx.openChild('file', ChildRole.FILTERED | ChildRole.PRIMARY))!;
+    const target = (await ctx.openChild('target', ChildRole.DATA))!;
     node.opaque = { file, target, copier: null } satisfies CbwState;
     node.supportedWriteFlags = Req.FUA & file.node.supportedWriteFlags;
     node.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & file.node.supportedZeroFlags;
   },
+  childPerms: cbwChildPerms,
   getLength: async (node) => state(node).file.node.totalBytes,
   coPreadv: (node, offsetBytes, buf, flags) => preadv(state(node).file, offsetBytes, buf, flags),
   async coPwritev(node, offsetBytes, buf, flags) {

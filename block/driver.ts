@@ -35,6 +35,7 @@ import type { MeasureInfo, MeasureRequest } from './measure.js';
 import type { SnapshotCreateRequest, SnapshotInfo, SnapshotReport } from './snapshot.js';
 import type { PersistentBitmapHooks } from './dirty-bitmap.js';
 import type { BlkdebugEvent } from './debug-event.js';
+import { defaultChildPerms, type ParentPerms, type PermPair } from './perms.js';
 
 /** What a driver's block status says about [offset, offset + pnum). */
 export interface BlockStatusResult {
@@ -85,15 +86,10 @@ export interface OpenContext {
    * Opens (or references, when the option is a node name) the child under
    * option key `name` and attaches it with the given role. Returns null when
    * the key is absent and `optional` is set; otherwise a missing key is an
-   * EINVAL error naming the key. `perms` overrides the role's default
-   * permissions, given the child node (a filter inserted above a node in use
-   * takes what that node's parents hold, as QEMU's filter child_perm).
+   * EINVAL error naming the key. The edge takes what the driver's
+   * childPerms derives for the role (block/perms.ts).
    */
-  openChild(
-    name: string,
-    role: ChildRoleFlags,
-    opts?: { optional?: boolean; perms?: (child: BlockNode) => { perm: number; shared: number } },
-  ): Promise<BdrvChild | null>;
+  openChild(name: string, role: ChildRoleFlags, opts?: { optional?: boolean }): Promise<BdrvChild | null>;
 }
 
 /** Context of a create call. */
@@ -180,6 +176,23 @@ export interface BlockDriver {
    */
   drainBegin?(node: BlockNode): void;
   drainEnd?(node: BlockNode): void;
+  /**
+   * The driver's part of a read-only/read-write reopen in place (QEMU's
+   * bdrv_reopen_prepare + commit for BDRV_O_RDWR; only block/reopen.ts
+   * calls it). The node is drained. Going read-only it is called while the
+   * node and its children still take writes (a format writes its clean
+   * state); going read-write, after its children and edges are writable.
+   * It switches the driver's own state (file: a descriptor with the new
+   * access mode on the same file) or throws, leaving the state as it was.
+   * Absent: nothing to do (raw, filters: their children are reopened too).
+   */
+  reopen?(node: BlockNode, readOnly: boolean): Promise<void>;
+  /**
+   * bdrv_child_perm: what the node takes and shares on a child in `role`,
+   * given its parents' cumulative permissions (block/perms.ts calls it on
+   * every refresh). Absent: QEMU's bdrv_default_perms (defaultChildPerms).
+   */
+  childPerms?(node: BlockNode, role: ChildRoleFlags, parents: ParentPerms): PermPair;
   /**
    * bdrv_make_empty: drops every cluster the image itself allocates, so it
    * reads through to its backing file (or as zeroes). Called drained, by a
@@ -285,6 +298,8 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     changeBackingFile: d.changeBackingFile ?? notSupported(`Driver '${d.name}' cannot change the backing file`),
     drainBegin: d.drainBegin ?? (() => {}),
     drainEnd: d.drainEnd ?? (() => {}),
+    reopen: d.reopen ?? nothing,
+    childPerms: d.childPerms ?? defaultChildPerms,
     debugEvent: d.debugEvent ?? ignoreDebugEvent,
     qapiProblem: d.qapiProblem ?? (() => null),
     has: {

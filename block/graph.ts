@@ -204,11 +204,7 @@ export class BlockGraph {
         };
         const child = await this.openNode(spec, childInherit);
         try {
-          if (opts.perms) {
-            const { perm, shared } = opts.perms(child);
-            return attachChild(node, name, role, child, perm, shared);
-          }
-          return this.attach(node, name, role, child);
+          return attachChild(node, name, role, child);
         } catch (e) {
           await this.unref(child);
           throw e;
@@ -217,13 +213,9 @@ export class BlockGraph {
     };
   }
 
-  /** Attaches `child` under `parent` with QEMU's default permissions for the role. */
+  /** Attaches `child` under `parent`; the edge takes what the parent's driver derives for the role (block/perms.ts). */
   attach(parent: BlockNode, name: string, role: ChildRoleFlags, child: BlockNode) {
-    const writable = !parent.readOnly && !(role & ChildRole.COW);
-    const perm = Perm.CONSISTENT_READ | (writable ? Perm.WRITE | Perm.RESIZE : 0);
-    let shared = role & ChildRole.COW ? Perm.ALL : Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED;
-    if (role & ChildRole.FILTERED || parent.forceShare) shared = Perm.ALL;
-    return attachChild(parent, name, role, child, perm, shared);
+    return attachChild(parent, name, role, child);
   }
 
   private checkLimits(node: BlockNode): void {

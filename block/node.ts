@@ -11,14 +11,16 @@
  * write/flush generations so a flush with nothing new to flush is free.
  *
  * Permissions: every edge says what its parent does with the child (`perm`)
- * and what it lets others do (`shared`). Attaching an edge whose needs clash
- * with another parent's sharing fails with EPERM, and a read-only node
- * refuses WRITE/RESIZE edges; the refusal is QEMU's "Permission conflict on
- * node ..." text naming both users. Most edges keep the permissions they
- * were attached with; a node with a `childPermRule` (copy-before-write)
- * re-derives its child edges from its parents when a parent joins or
- * leaves it directly (not on a re-pointed edge: the caller refreshes once
- * the move is over, as QEMU's bdrv_replace_node). Requests are issued
+ * and what it lets others do (`shared`). A user's edge (backend, export,
+ * job) carries what the user asked for; a node's edges onto its children
+ * are derived from the node's own parents by its driver's rule, and every
+ * attach, detach, move or change below re-derives and checks the graph
+ * beneath (block/perms.ts, QEMU's bdrv_refresh_perms). A refusal (QEMU's
+ * "Permission conflict on node ..." naming both users, or "Block node is
+ * read-only") leaves the graph as it was and throws EPERM. A batch of
+ * edges moved together (replaceChildNodes, QEMU's bdrv_replace_node) is
+ * checked once, after the whole move. Read-only changes after open only
+ * through an in-place reopen (block/reopen.ts). Requests are issued
  * through edges; the gate refuses writes through an edge that lacks WRITE.
  *
  * Drain counts travel along edges: a parent attached to (or detached from)
@@ -30,9 +32,9 @@
  * requests between gate entry and completion; `closed` nodes refuse requests
  * with ENOMEDIUM.
  */
-import { BlockError } from './errors.js';
-import { Perm, permNames } from './flags.js';
+import { Perm } from './flags.js';
 import type { NormalisedDriver } from './driver.js';
+import { deriveChildPerms, refreshPerms } from './perms.js';
 import type { TrackedRequest } from './tracked.js';
 import type { DirtyBitmap } from './dirty-bitmap.js';
 
@@ -142,7 +144,8 @@ export class BlockNode implements EdgeParent {
   readonly children: BdrvChild[] = [];
   readonly parents: BdrvChild[] = [];
   totalBytes = 0;
-  readOnly: boolean;
+  /** Writers refused (see readOnly); changed through setReadOnlyFlag only. */
+  private readOnlyFlag: boolean;
   openFlags: OpenFlags;
   limits: BlockLimits = defaultLimits();
   /** Flags coPwritev honours natively (FUA); others are emulated or dropped. */
@@ -179,13 +182,6 @@ export class BlockNode implements EdgeParent {
   flushedGen = 0;
   /** The flush in progress, which later flushes of the same generation join. */
   activeFlush: Promise<void> | null = null;
-  /**
-   * What this node takes and shares on a child edge given its own parents
-   * (QEMU's bdrv_child_perm), for nodes whose child permissions follow their
-   * parents; applied by refreshChildPerms. Null: the edges keep what they
-   * were attached with.
-   */
-  childPermRule: ((edge: BdrvChild) => { perm: number; shared: number }) | null = null;
   /** Dirty bitmaps on this node, newest first (block/dirty-bitmap.ts); the gate marks the recording ones. */
   readonly dirtyBitmaps: DirtyBitmap[] = [];
   private idleWaiters: Array<() => void> = [];
@@ -194,8 +190,23 @@ export class BlockNode implements EdgeParent {
     this.driver = driver;
     this.nodeName = nodeName;
     this.autoNamed = autoNamed;
-    this.readOnly = readOnly;
+    this.readOnlyFlag = readOnly;
     this.openFlags = openFlags;
+  }
+
+  /** The node refuses writers (no parent taking WRITE or WRITE_UNCHANGED, no writes through the gate). */
+  get readOnly(): boolean {
+    return this.readOnlyFlag;
+  }
+
+  /**
+   * For block/reopen.ts (reopenSetReadOnly, QEMU's
+   * bdrv_reopen_set_read_only) once the driver has switched — the one place
+   * a node's read-only state changes after open — and for a driver's open
+   * that falls back to read-only (nbd's auto-read-only).
+   */
+  setReadOnlyFlag(readOnly: boolean): void {
+    this.readOnlyFlag = readOnly;
   }
 
   describe(): string {
@@ -291,75 +302,23 @@ export class BlockNode implements EdgeParent {
   }
 }
 
-/** One user of a node, as the permission check sees it (an edge, or an edge about to be). */
-interface PermUser {
-  parent: EdgeParent;
-  name: string;
-  perm: number;
-  shared: number;
-}
-
-/** QEMU's bdrv_a_allow_b: null when `a` shares all that `b` needs, else QEMU's refusal. */
-function refusal(node: BlockNode, a: PermUser, b: PermUser): string | null {
-  const missing = b.perm & ~a.shared;
-  if (!missing) return null;
-  const at = `node '${node.nodeName}'`;
-  return (
-    `Permission conflict on ${at}: permissions '${permNames(missing)}' are both required by ` +
-    `${b.parent.describe()} (uses ${at} as '${b.name}' child) and unshared by ${a.parent.describe()} (uses ${at} as '${a.name}' child).`
-  );
-}
+export { refreshPermsBelow } from './perms.js';
 
 /**
- * Checks that `candidate` (a new or changed edge) can sit beside the node's
- * other parents (`except` is the edge being updated, if any). Returns a
- * reason for refusal, or null. Pairs are tried in QEMU's order
- * (bdrv_parent_perms_conflict): its parent list is newest first and the
- * candidate joins at the head, so the candidate's sharing is tried first.
+ * Changes what a user's edge takes and shares (bdrv_child_try_set_perm). A
+ * refusal below puts it back and is thrown, unless the change only
+ * loosened (then it is not expected, and ignored as QEMU does).
  */
-export function permissionConflict(node: BlockNode, candidate: PermUser, except?: BdrvChild): string | null {
-  if (node.readOnly && candidate.perm & (Perm.WRITE | Perm.RESIZE)) {
-    return `Block node '${node.nodeName}' is read-only`;
-  }
-  const users: PermUser[] = [candidate, ...node.parents.filter((e) => e !== except).reverse()];
-  for (const a of users) {
-    for (const b of users) {
-      if (a === b || (a !== candidate && b !== candidate)) continue;
-      const reason = refusal(node, a, b);
-      if (reason) return reason;
-    }
-  }
-  return null;
-}
-
-/** Changes what an edge takes and shares, after checking its node's other parents. */
 export function setEdgePerms(edge: BdrvChild, perm: number, shared: number): void {
-  const reason = permissionConflict(edge.node, { parent: edge.parent, name: edge.name, perm, shared }, edge);
-  if (reason) throw new BlockError('EPERM', reason);
+  const [oldPerm, oldShared] = [edge.perm, edge.shared];
   edge.perm = perm;
   edge.shared = shared;
-}
-
-/**
- * Re-derives what `node` takes on its children from its parents, for nodes
- * with a rule (QEMU's bdrv_child_perm; only some filters have one here).
- * Edges changed before a refusal are put back, and the refusal is thrown.
- */
-export function refreshChildPerms(node: BlockNode): void {
-  const rule = node.childPermRule;
-  if (!rule) return;
-  const done: Array<[BdrvChild, number, number]> = [];
   try {
-    for (const edge of node.children) {
-      const next = rule(edge);
-      if (next.perm === edge.perm && next.shared === edge.shared) continue;
-      const before: [BdrvChild, number, number] = [edge, edge.perm, edge.shared];
-      setEdgePerms(edge, next.perm, next.shared);
-      done.push(before);
-    }
+    refreshPerms([edge.node]);
   } catch (e) {
-    for (const [edge, perm, shared] of done.reverse()) [edge.perm, edge.shared] = [perm, shared];
-    throw e;
+    [edge.perm, edge.shared] = [oldPerm, oldShared];
+    const tightens = perm & ~oldPerm || oldShared & ~shared;
+    if (tightens) throw e;
   }
 }
 
@@ -371,61 +330,92 @@ function carryQuiesce(parent: EdgeParent, node: BlockNode, direction: 1 | -1): v
   }
 }
 
-/** Attaches a new edge parent -> node, checking permissions. */
-export function attachChild(
-  parent: EdgeParent,
-  name: string,
-  role: ChildRoleFlags,
-  node: BlockNode,
-  perm: number,
-  shared: number,
-): BdrvChild {
-  const edge = new BdrvChild(name, role, parent, node, perm, shared);
-  const reason = permissionConflict(node, edge);
-  if (reason) throw new BlockError('EPERM', reason);
-  node.parents.push(edge);
-  try {
-    refreshChildPerms(node);
-  } catch (e) {
-    node.parents.pop();
-    throw e;
-  }
-  if (parent instanceof BlockNode) parent.children.push(edge);
-  carryQuiesce(parent, node, 1);
-  return edge;
-}
-
-/** A parent left: what the node takes on its children can only shrink, so a refusal is not expected (QEMU ignores it too). */
-function relaxChildPerms(node: BlockNode): void {
-  try {
-    refreshChildPerms(node);
-  } catch {
-    // The edges keep their old permissions.
-  }
-}
-
-/** Removes an edge from both ends. */
-export function detachChild(edge: BdrvChild): void {
+/** Takes `edge` out of its node's parents and its parent node's children. */
+function unlink(edge: BdrvChild): void {
   const i = edge.node.parents.indexOf(edge);
-  if (i < 0) return;
-  edge.node.parents.splice(i, 1);
-  relaxChildPerms(edge.node);
+  if (i >= 0) edge.node.parents.splice(i, 1);
   const p = edge.parent;
   if (p instanceof BlockNode) {
     const j = p.children.indexOf(edge);
     if (j >= 0) p.children.splice(j, 1);
   }
-  carryQuiesce(p, edge.node, -1);
 }
 
-/** Re-points an edge at another node (mirror pivot, backing changes). */
-export function replaceChildNode(edge: BdrvChild, node: BlockNode): void {
-  const reason = permissionConflict(node, edge);
-  if (reason) throw new BlockError('EPERM', reason);
+/**
+ * Attaches a new edge parent -> node and refreshes the permissions below
+ * (a refusal leaves nothing attached). `perm` and `shared` are what a
+ * user asks for; a node parent's edge takes what its driver derives.
+ */
+export function attachChild(
+  parent: EdgeParent,
+  name: string,
+  role: ChildRoleFlags,
+  node: BlockNode,
+  perm = 0,
+  shared: number = Perm.ALL,
+): BdrvChild {
+  const taken = parent instanceof BlockNode ? deriveChildPerms(parent, role, node) : { perm, shared };
+  const edge = new BdrvChild(name, role, parent, node, taken.perm, taken.shared);
+  node.parents.push(edge);
+  if (parent instanceof BlockNode) parent.children.push(edge);
+  try {
+    refreshPerms([node]);
+  } catch (e) {
+    unlink(edge);
+    throw e;
+  }
+  carryQuiesce(parent, node, 1);
+  return edge;
+}
+
+/**
+ * Removes an edge from both ends. What the node takes below can only
+ * shrink, so a refusal of the refresh is not expected; it would leave the
+ * old permissions in place (QEMU ignores it too).
+ */
+export function detachChild(edge: BdrvChild): void {
+  if (!edge.node.parents.includes(edge)) return;
+  unlink(edge);
+  try {
+    refreshPerms([edge.node]);
+  } catch {
+    // The edges below keep their old permissions.
+  }
+  carryQuiesce(edge.parent, edge.node, -1);
+}
+
+/** Re-points one edge at `node`, drain counts following it; no permission work. */
+function relink(edge: BdrvChild, node: BlockNode): void {
   const i = edge.node.parents.indexOf(edge);
   if (i >= 0) edge.node.parents.splice(i, 1);
   carryQuiesce(edge.parent, edge.node, -1);
   edge.node = node;
   node.parents.push(edge);
   carryQuiesce(edge.parent, node, 1);
+}
+
+/**
+ * Re-points `edges` (listed oldest first, as node.parents lists them) at
+ * `to`, then refreshes `to` and the nodes they left, once (QEMU's
+ * bdrv_replace_node: a filter's child permissions may only fit once all
+ * its parents have moved). They join `to` in QEMU's order. A refusal moves
+ * them all back and is thrown.
+ */
+export function replaceChildNodes(edges: readonly BdrvChild[], to: BlockNode): void {
+  const moving = edges.filter((edge) => edge.node !== to);
+  const from = moving.map((edge) => edge.node);
+  const lists = new Map([to, ...from].map((node) => [node, [...node.parents]] as const));
+  for (let i = moving.length - 1; i >= 0; i--) relink(moving[i]!, to);
+  try {
+    refreshPerms([to, ...new Set(from)]);
+  } catch (e) {
+    moving.forEach((edge, i) => relink(edge, from[i]!));
+    for (const [node, parents] of lists) node.parents.splice(0, node.parents.length, ...parents);
+    throw e;
+  }
+}
+
+/** Re-points an edge at another node (mirror pivot, backing changes). */
+export function replaceChildNode(edge: BdrvChild, node: BlockNode): void {
+  replaceChildNodes([edge], node);
 }

@@ -18,15 +18,21 @@
  * `none` once when it opens). Armed rules fail matching requests of every
  * kind (read, write, write-zeroes, discard, flush, block-status) with
  * their errno, after the limit checks: see blkdebug-rules.ts for the
- * matching, `once` and `immediately`. Left out: `suspend` rules
- * (qemu-io's break/resume), `take-child-perms` / `unshare-child-perms`
- * and the `blkdebug:config:image` filename syntax.
+ * matching, `once` and `immediately`.
+ *
+ * Permissions (blkdebug_child_perm): QEMU's filter default on `image`, plus
+ * what `take-child-perms` lists, minus what `unshare-child-perms` lists
+ * (lists of QAPI permission names; QEMU 7.2 no longer knows `graph-mod`).
+ *
+ * Left out: `suspend` rules (qemu-io's break/resume) and the
+ * `blkdebug:config:image` filename syntax.
  */
 import { z } from 'zod';
 import { BlockError } from '../block/errors.js';
-import { Req, Status, isAligned, isPowerOfTwo } from '../block/flags.js';
+import { Perm, Req, Status, isAligned, isPowerOfTwo } from '../block/flags.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev } from '../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
+import { defaultChildPerms, type ParentPerms, type PermPair } from '../block/perms.js';
 import { zBlockdevRef, zSize } from '../block/options.js';
 import type { BlockDriver } from '../block/driver.js';
 import { BlkdebugRules, injectedError, qapiRulesProblem, readRules, type BlkdebugIoType } from './blkdebug-rules.js';
@@ -42,12 +48,47 @@ const optionsSchema = z.object({
   'max-write-zero': zSize('max-write-zero').optional(),
   'opt-discard': zSize('opt-discard').optional(),
   'max-discard': zSize('max-discard').optional(),
+  // Checked in open, for QEMU's texts.
+  'take-child-perms': z.unknown().optional(),
+  'unshare-child-perms': z.unknown().optional(),
 });
 type Options = z.output<typeof optionsSchema>;
 
 interface BlkdebugState {
   image: BdrvChild;
   rules: BlkdebugRules;
+  /** take-child-perms and unshare-child-perms as Perm bits. */
+  takePerms: number;
+  unsharePerms: number;
+}
+
+/** QAPI's BlockPermission names. */
+const PERM_BY_NAME: ReadonlyMap<string, number> = new Map([
+  ['consistent-read', Perm.CONSISTENT_READ],
+  ['write', Perm.WRITE],
+  ['write-unchanged', Perm.WRITE_UNCHANGED],
+  ['resize', Perm.RESIZE],
+]);
+
+/** blkdebug_parse_perms for one option: a list of permission names, in QEMU's texts when it is not. */
+function parsePerms(value: unknown, key: string): number {
+  if (value === undefined) return 0;
+  if (!Array.isArray(value)) throw new BlockError('EINVAL', `Block protocol 'blkdebug' doesn't support the option '${key}'`);
+  let perms = 0;
+  for (const name of value) {
+    const bit = typeof name === 'string' ? PERM_BY_NAME.get(name) : undefined;
+    // QEMU's list visitor names the element 'null'.
+    if (bit === undefined) throw new BlockError('EINVAL', `Parameter 'null' does not accept value '${String(name)}'`);
+    perms |= bit;
+  }
+  return perms;
+}
+
+/** blkdebug_child_perm (see the note at the top); before open has set the state, the default alone. */
+function childPerms(node: BlockNode, role: number, users: ParentPerms): PermPair {
+  const { perm, shared } = defaultChildPerms(node, role, users);
+  const s = node.opaque as Partial<BlkdebugState> | undefined;
+  return { perm: perm | (s?.takePerms ?? 0), shared: shared & ~(s?.unsharePerms ?? 0) };
 }
 
 const stateOf = (node: BlockNode) => node.opaque as BlkdebugState;
@@ -128,10 +169,14 @@ export const blkdebugDriver: BlockDriver = {
   async open(node, options, ctx) {
     const o = options as Options;
     const rules = new BlkdebugRules(await readRules(o.config, o));
+    const takePerms = parsePerms(o['take-child-perms'], 'take-child-perms');
+    const unsharePerms = parsePerms(o['unshare-child-perms'], 'unshare-child-perms');
     const reason = invalidLimits(o);
     if (reason) throw new BlockError('EINVAL', reason);
+    // Set before the child is attached: its edge is derived with them.
+    node.opaque = { takePerms, unsharePerms } satisfies Partial<BlkdebugState>;
     const child = (await ctx.openChild('image', ChildRole.FILTERED | ChildRole.PRIMARY))!;
-    node.opaque = { image: child, rules } satisfies BlkdebugState;
+    node.opaque = { image: child, rules, takePerms, unsharePerms } satisfies BlkdebugState;
     node.limits.requestAlignment = o.align ?? 1;
     node.limits.maxTransfer = o['max-transfer'] ?? 0;
     node.limits.pwriteZeroesAlignment = o['opt-write-zero'] ?? 0;
@@ -142,6 +187,7 @@ export const blkdebugDriver: BlockDriver = {
     node.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & child.node.supportedZeroFlags;
     rules.event('none');
   },
+  childPerms,
   getLength: async (node) => image(node).node.totalBytes,
   debugEvent: (node, event) => stateOf(node).rules.event(event),
   qapiProblem: qapiRulesProblem,

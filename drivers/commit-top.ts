@@ -36,6 +36,8 @@ export const commitTopDriver: BlockDriver = {
   async open() {
     throw new BlockError('EINVAL', `Unknown driver '${COMMIT_TOP_DRIVER}'`);
   },
+  // bdrv_commit_top_child_perm: the filter needs nothing of top and shares everything.
+  childPerms: () => ({ perm: 0, shared: Perm.ALL }),
   getLength: async (node) => child(node).node.totalBytes,
   coPreadv: (node, offsetBytes, buf, flags) => preadv(child(node), offsetBytes, buf, flags),
 };
@@ -50,7 +52,7 @@ const IMPLICIT_NAME_PREFIX = '#commit-top';
 export async function insertCommitTop(graph: BlockGraph, top: BlockNode, nodeName: string | undefined): Promise<BlockNode> {
   const name = jobFilterName(graph, nodeName ?? null, IMPLICIT_NAME_PREFIX);
   const filter = new BlockNode(normalisedCommitTop, name, nodeName === undefined, true, { ...top.openFlags, detectZeroes: 'off' });
-  filter.opaque = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, top, 0, Perm.ALL);
+  filter.opaque = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, top);
   filter.limits = { ...top.limits };
   filter.filename = top.filename;
   filter.options = { driver: COMMIT_TOP_DRIVER, 'node-name': name, backing: top.nodeName };

@@ -17,9 +17,10 @@
  * truncate, length and block status are the child's (the gate and the
  * normalised driver do that for filters).
  *
- * The edge onto `file` needs WRITE_UNCHANGED besides what the filter's own
- * users need (so a read-only child is refused: "Block node is read-only"),
- * and shares everything. `bottom` must name an existing non-filter node in
+ * The edge onto `file` (cor_child_perm) passes on what the filter's users
+ * take and share of consistent read, write and resize, and always takes
+ * and shares WRITE_UNCHANGED for its copies (so a read-only child is
+ * refused: "Block node is read-only"). `bottom` must name an existing non-filter node in
  * the chain below the child (QEMU 7.2 hangs on a node outside the chain;
  * we refuse it).
  *
@@ -36,6 +37,7 @@ import type { BlockDriver } from '../block/driver.js';
 import type { BlockGraph } from '../block/graph.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev } from '../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
+import type { PermPair } from '../block/perms.js';
 import { zBlockdevRef } from '../block/options.js';
 import { replaceNode } from '../block/replace.js';
 import { blockStatusAbove, isAllocated } from '../block/status.js';
@@ -52,10 +54,15 @@ const state = (node: BlockNode) => node.opaque as CorState;
 
 const optionsSchema = z.object({ file: zBlockdevRef.optional(), bottom: z.string().optional() });
 
-/** The edge onto the child: what the filter's users hold, plus WRITE_UNCHANGED for the copies. */
-function childPerms(child: BlockNode): { perm: number; shared: number } {
-  if (child.readOnly) throw new BlockError('EPERM', 'Block node is read-only');
-  return { perm: child.parentPerms().perm | Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED, shared: Perm.ALL };
+/** What cor_child_perm passes on of its users' permissions (its PERM_PASSTHROUGH; WRITE_UNCHANGED is its own). */
+const COR_PASSTHROUGH = Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE;
+
+/** cor_child_perm (see the note at the top). */
+function childPerms(_node: BlockNode, _role: number, users: PermPair): PermPair {
+  return {
+    perm: (users.perm & COR_PASSTHROUGH) | Perm.WRITE_UNCHANGED,
+    shared: (users.shared & COR_PASSTHROUGH) | (Perm.ALL & ~COR_PASSTHROUGH),
+  };
 }
 
 /** The layers of the chain below `top` (filters looked through), top excluded. */
@@ -122,12 +129,13 @@ export const copyOnReadDriver: BlockDriver = {
     const o = options as z.output<typeof optionsSchema>;
     // Required in QAPI's schema (BlockdevOptionsGenericFormat): QAPI's text.
     if (o.file === undefined) throw new BlockError('EINVAL', "Parameter 'file' is missing");
-    const file = (await ctx.openChild('file', ChildRole.FILTERED | ChildRole.PRIMARY, { perms: childPerms }))!;
+    const file = (await ctx.openChild('file', ChildRole.FILTERED | ChildRole.PRIMARY))!;
     const bottom = o.bottom === undefined ? null : resolveBottom(ctx.graph, file.node, o.bottom);
     node.opaque = { file, bottom } satisfies CorState;
     node.supportedWriteFlags = Req.WRITE_UNCHANGED | (Req.FUA & file.node.supportedWriteFlags);
     node.supportedZeroFlags = Req.WRITE_UNCHANGED | ((Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & file.node.supportedZeroFlags);
   },
+  childPerms,
   getLength: async (node) => state(node).file.node.totalBytes,
   coPreadv(node, offsetBytes, buf, flags) {
     const s = state(node);

@@ -14,17 +14,26 @@
  * The node is not user-creatable in QEMU and is not here either: the
  * driver is in no driver list (blockdev-add and `qemu-img --help` do not
  * know it); `insertMirrorTop` builds the node directly, attaches the
- * source with the permissions the source's parents hold (the filter takes
- * what its parents need, shares everything, as QEMU's child_perm does) and
- * registers it in the graph under `filter-node-name` or an automatic
- * `#mirror-topN`; the caller then moves the parents. Resizing through the filter is refused (ENOTSUP),
- * as a mirror blocks resize of its source.
+ * source and registers it in the graph under `filter-node-name` or an
+ * automatic `#mirror-topN`; the caller then moves the parents. Resizing
+ * through the filter is refused (ENOTSUP), as a mirror blocks resize of
+ * its source.
+ *
+ * Permissions (bdrv_mirror_top_child_perm): the source takes and shares
+ * what the filter's users do (QEMU's filter default); for an active
+ * commit — the job's target is in the source's backing chain — it takes
+ * no consistent read (unshared above the base in QEMU) and shares write,
+ * so the job can write the base below. Left out: QEMU's `stop`, which
+ * drops everything just before the filter's parents move away; here the
+ * filter keeps passing its parents' permissions until it closes, so
+ * writes still arriving through it are not refused.
  */
 import { z } from 'zod';
 import { BlockError } from '../block/errors.js';
 import { Perm, Req, Status } from '../block/flags.js';
 import { flush, pdiscard, preadv, pwriteZeroes, pwritev, refreshLength } from '../block/io.js';
-import { attachChild, BlockNode, ChildRole, type BdrvChild } from '../block/node.js';
+import { attachChild, BlockNode, ChildRole, refreshPermsBelow, type BdrvChild } from '../block/node.js';
+import { filterDefaultPerms, type PermPair } from '../block/perms.js';
 import { normaliseDriver, type BlockDriver } from '../block/driver.js';
 import type { BlockGraph } from '../block/graph.js';
 import { invalidNodeName } from '../block/options.js';
@@ -46,11 +55,15 @@ export interface GuestWrite {
 /** What the job supplies to the filter. */
 export interface MirrorTopHooks {
   write(req: GuestWrite): Promise<void>;
+  /** The job's target: in the source's backing chain for an active commit. */
+  readonly target?: BlockNode;
 }
 
 interface MirrorTopState {
   child: BdrvChild | null;
   hooks: MirrorTopHooks | null;
+  /** QEMU's is_commit: set once a job whose target is in the source's chain attaches. */
+  isCommit: boolean;
 }
 
 const state = (node: BlockNode) => node.opaque as MirrorTopState;
@@ -74,6 +87,19 @@ function guestWrite(
   return s.hooks ? s.hooks.write(req) : req.toSource();
 }
 
+/** bdrv_mirror_top_child_perm (see the note at the top). */
+function childPerms(node: BlockNode, _role: number, users: PermPair): PermPair {
+  const { perm, shared } = filterDefaultPerms(users);
+  if (!state(node)?.isCommit) return { perm, shared };
+  return { perm: perm & ~Perm.CONSISTENT_READ, shared: shared | Perm.WRITE };
+}
+
+/** bdrv_chain_contains: `node` is `top` or below it through filtered and backing children. */
+function chainContains(top: BlockNode, node: BlockNode): boolean {
+  for (let n: BlockNode | undefined = top; n; n = (n.filteredChild ?? n.cowChild)?.node) if (n === node) return true;
+  return false;
+}
+
 export const mirrorTopDriver: BlockDriver = {
   name: MIRROR_TOP_DRIVER,
   isFilter: true,
@@ -81,6 +107,7 @@ export const mirrorTopDriver: BlockDriver = {
   async open() {
     throw new BlockError('EINVAL', "Unknown driver 'mirror_top'");
   },
+  childPerms,
   getLength: async (node) => state(node).child?.node.totalBytes ?? 0,
   coPreadv: (node, offsetBytes, buf, flags) => preadv(child(node), offsetBytes, buf, flags),
   coPwritev: (node, offsetBytes, buf, flags) =>
@@ -129,9 +156,8 @@ export async function insertMirrorTop(graph: BlockGraph, source: BlockNode, node
     ...source.openFlags,
     detectZeroes: 'off',
   });
-  filter.opaque = { child: null, hooks: null } satisfies MirrorTopState;
-  const { perm } = source.parentPerms();
-  const edge = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, source, perm | Perm.CONSISTENT_READ, Perm.ALL);
+  filter.opaque = { child: null, hooks: null, isCommit: false } satisfies MirrorTopState;
+  const edge = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, source);
   state(filter).child = edge;
   filter.supportedWriteFlags = Req.FUA & source.supportedWriteFlags;
   filter.supportedZeroFlags = (Req.FUA | Req.MAY_UNMAP | Req.NO_FALLBACK) & source.supportedZeroFlags;
@@ -148,7 +174,11 @@ export function mirrorTopChild(filter: BlockNode): BdrvChild {
   return child(filter);
 }
 
-/** Attaches (or with null detaches) the job's hooks. */
+/** Attaches (or with null detaches) the job's hooks; an active commit's job makes the filter a commit filter. */
 export function setMirrorTopHooks(filter: BlockNode, hooks: MirrorTopHooks | null): void {
-  state(filter).hooks = hooks;
+  const s = state(filter);
+  s.hooks = hooks;
+  if (s.isCommit || !hooks?.target || !s.child || !chainContains(s.child.node, hooks.target)) return;
+  s.isCommit = true;
+  refreshPermsBelow(filter);
 }

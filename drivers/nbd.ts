@@ -127,7 +127,7 @@ async function onConnection<T>(s: NbdState, request: (client: NbdClient) => Prom
 async function checkWritable(node: BlockNode, client: NbdClient): Promise<void> {
   if (!client.readOnly || node.readOnly) return;
   if (isOn(node.options['auto-read-only'])) {
-    node.readOnly = true;
+    node.setReadOnlyFlag(true);
     return;
   }
   await client.disconnect();

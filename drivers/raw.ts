@@ -11,12 +11,18 @@
  * fails with EPERM, so a guest cannot turn its disk into, say, a qcow2 that
  * points at host files. Writes reaching the first sector are then widened
  * to whole sectors (request alignment 512) so the check sees a full sector.
+ *
+ * Permissions (raw_child_perm): QEMU's default rule for the file's role (a
+ * filtered child, or data storage for a window), but write and resize on
+ * the file only when the raw node's own users take them, so an unused raw
+ * node holds nothing that could conflict.
  */
 import { z } from 'zod';
 import { BlockError } from '../block/errors.js';
-import { Req, Status, isAligned, type Prealloc } from '../block/flags.js';
+import { Perm, Req, Status, isAligned, type Prealloc } from '../block/flags.js';
 import { pdiscard, preadv, pwriteZeroes, pwritev, truncate, SECTOR_BYTES } from '../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
+import { defaultChildPerms, type ParentPerms, type PermPair } from '../block/perms.js';
 import { debugEvent } from '../block/debug-event.js';
 import { zBlockdevRef, zSize } from '../block/options.js';
 import type { BlockDriver, CreateOptDesc } from '../block/driver.js';
@@ -80,6 +86,15 @@ export function probeWarning(filename: string): string {
   );
 }
 
+/** What raw_child_perm keeps of the default rule only when the users take it. */
+const USERS_ONLY_PERMS = Perm.WRITE | Perm.RESIZE;
+
+/** raw_child_perm (see the note at the top). */
+function childPerms(node: BlockNode, role: number, users: ParentPerms): PermPair {
+  const { perm, shared } = defaultChildPerms(node, role, users);
+  return { perm: (perm & ~USERS_ONLY_PERMS) | (users.perm & USERS_ONLY_PERMS), shared };
+}
+
 async function getLength(node: BlockNode): Promise<number> {
   const s = state(node);
   return s.sizeBytes ?? Math.max(0, s.file.node.totalBytes - s.offsetBytes);
@@ -107,6 +122,7 @@ export const rawDriver: BlockDriver = {
   createOpts: RAW_CREATE_OPTS,
   strongOptions: ['offset', 'size'],
   open,
+  childPerms,
   getLength,
   coPreadv: (node, offsetBytes, buf, flags) => {
     debugEvent(state(node).file, 'read_aio');

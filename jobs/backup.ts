@@ -44,7 +44,7 @@ import { BlockCopy, CopyError, cbwChildren, setCopyState } from '../block/copy-b
 import { BitmapCheck, createDirtyBitmap, releaseDirtyBitmap, requireBitmap, type DirtyBitmap } from '../block/dirty-bitmap.js';
 import { BlockError, toBlockError } from '../block/errors.js';
 import { flush } from '../block/io.js';
-import { replaceChildNode, type BlockNode } from '../block/node.js';
+import { replaceChildNodes, type BlockNode } from '../block/node.js';
 import type { BlockdevRef } from '../block/options.js';
 import { isAllocated } from '../block/status.js';
 import { JobError, type Job, type JobDriver, type OnErrorPolicy } from './job.js';
@@ -136,7 +136,7 @@ async function insertFilter(s: BackupState, job: Job): Promise<void> {
     compress: s.opts.compress ?? false,
     onCopied: (bytes) => job.progressUpdate(bytes),
   });
-  for (const edge of parents) replaceChildNode(edge, filter);
+  replaceChildNodes(parents, filter);
   setCopyState(filter, s.copier);
 }
 
@@ -146,7 +146,7 @@ async function removeFilter(s: BackupState): Promise<void> {
   if (!filter) return;
   s.filter = null;
   setCopyState(filter, null);
-  for (const edge of [...filter.parents]) replaceChildNode(edge, s.opts.source);
+  replaceChildNodes([...filter.parents], s.opts.source);
   await s.ctx.graph.closeNode(filter);
 }
 

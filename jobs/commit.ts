@@ -6,11 +6,13 @@
  *
  * Set-up (startCommit, in commit_start's order): the caller has resolved
  * top and base (base below top). The job is created, a read-only base is
- * made writable (block/chain.ts reopenReadWrite, as QEMU reopens it
- * read-write), then a `commit_top` filter (drivers/commit-top.ts; named
- * `filter-node-name`, else automatically) is inserted above top: the
- * overlays of top now read through it. The job holds a reading edge on top
- * and a writing, resizing edge on base.
+ * made writable in place (block/reopen.ts, as commit_start's
+ * bdrv_reopen_set_read_only) — and read-only again when the job ends,
+ * whatever the outcome, or when the set-up fails (commit_clean; a failure
+ * to do so is ignored, as in QEMU) — then a `commit_top` filter
+ * (drivers/commit-top.ts; named `filter-node-name`, else automatically)
+ * is inserted above top: the overlays of top now read through it. The job
+ * holds a reading edge on top and a writing, resizing edge on base.
  *
  * Run: the base grows to top's length if it is shorter (never shrinks);
  * then chain-copy.ts's loop asks block status from top down to base for
@@ -22,25 +24,27 @@
  * Prepare (after success; bdrv_drop_intermediate): each overlay of top —
  * a node whose backing edge points at the filter — gets its header rewritten to
  * name `backingFile` if given, else the base's filename, with the base's
- * format, and its backing edge moved to base; the filter and the committed
- * images, which nothing references any more, are closed. The committed
- * images are no longer consistent views (base changed under them), as in
- * QEMU. On failure or cancel the filter is taken out (its parents move back
+ * format (a read-only overlay is reopened read-write for that and
+ * read-only again: block/chain.ts updateBackingName), and its backing edge
+ * moved to base; the filter and the committed images, which nothing
+ * references any more, are closed. The committed images are no longer
+ * consistent views (base changed under them), as in QEMU. On failure or cancel the filter is taken out (its parents move back
  * onto top) and the graph is otherwise left alone: base holds a mix, top
  * still reads the same.
  *
  * Active commit (top is the device's active layer) is mirror's business:
  * jobs/mirror.ts.
  */
-import { changeBackingFile, reopenReadWrite } from '../block/chain.js';
+import { updateBackingName } from '../block/chain.js';
 import { Perm } from '../block/flags.js';
 import { truncate } from '../block/io.js';
 import { attachChild, BlockNode, ChildRole, detachChild, replaceChildNode, TransientParent, type BdrvChild } from '../block/node.js';
 import { blockStatusAbove } from '../block/status.js';
+import { reopenSetReadOnly } from '../block/reopen.js';
 import { insertCommitTop, removeCommitTop } from '../drivers/commit-top.js';
 import { runChainCopy } from './chain-copy.js';
 import type { Job, JobDriver, OnErrorPolicy } from './job.js';
-import { claimNodes, createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
+import { createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
 
 export interface CommitOptions extends BlockJobOptions {
   top: BlockNode;
@@ -60,24 +64,26 @@ interface CommitState {
   filter: BlockNode | null;
   topEdge: BdrvChild | null;
   baseEdge: BdrvChild | null;
+  /** The base was read-only: it is made so again at the end (commit_clean). */
+  baseWasReadOnly: boolean;
 }
 
 /** Creates and starts an intermediate commit job (see the note at the top). */
 export async function startCommit(ctx: JobContext, opts: CommitOptions): Promise<Job> {
   ctx.jobs.checkNewId(opts.jobId);
-  const s: CommitState = { ctx, top: opts.top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, topEdge: null, baseEdge: null };
+  const s: CommitState = { ctx, top: opts.top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, topEdge: null, baseEdge: null, baseWasReadOnly: false };
   const job = createBlockJob(ctx, commitDriver(s), opts, [opts.top, opts.base]);
   try {
     if (s.base.readOnly) {
-      s.base = await reopenReadWrite(ctx.graph, s.base);
-      claimNodes(job, [s.base]);
+      await reopenSetReadOnly(s.base, false);
+      s.baseWasReadOnly = true;
     }
     s.filter = await insertCommitTop(ctx.graph, s.top, opts.filterNodeName);
     const parent = new TransientParent(`block job '${opts.jobId}'`);
     s.topEdge = attachChild(parent, 'commit top', 0, s.top, Perm.CONSISTENT_READ, Perm.ALL);
     s.baseEdge = attachChild(parent, 'commit base', 0, s.base, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.ALL);
   } catch (e) {
-    await releaseEdges(s);
+    await commitClean(s);
     job.earlyFail();
     throw e;
   }
@@ -95,12 +101,20 @@ async function releaseEdges(s: CommitState): Promise<void> {
   if (filter) await removeCommitTop(s.ctx.graph, filter);
 }
 
+/** commit_clean: the job's edges (and the filter) go, then a read-only base is so again. */
+async function commitClean(s: CommitState): Promise<void> {
+  await releaseEdges(s);
+  if (!s.baseWasReadOnly) return;
+  s.baseWasReadOnly = false;
+  await reopenSetReadOnly(s.base, true).catch(() => undefined);
+}
+
 function commitDriver(s: CommitState): JobDriver {
   return {
     type: 'commit',
     run: (job) => commitRun(job, s),
     prepare: () => dropIntermediate(s),
-    clean: () => releaseEdges(s),
+    clean: () => commitClean(s),
   };
 }
 
@@ -131,7 +145,7 @@ async function dropIntermediate(s: CommitState): Promise<void> {
   const name = s.backingFile ?? base.filename;
   const above = s.filter ?? s.top;
   for (const edge of overlayEdges(above)) {
-    await changeBackingFile(edge.parent as BlockNode, name, base.driver.name, false);
+    await updateBackingName(edge.parent as BlockNode, name, base.driver.name);
     replaceChildNode(edge, s.base);
   }
   if (s.topEdge) detachChild(s.topEdge);

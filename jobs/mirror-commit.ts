@@ -5,9 +5,12 @@
  * layers above the base allocate, READY, then job-complete moves the top's
  * users onto the base. Writes made meanwhile are copied as in a mirror.
  *
- * The base is made writable first (block/chain.ts reopenReadWrite opens a
- * writable twin; the twin takes over the base's node name and ownership, so
- * QMP names keep working). The job's edge on the base shares everything:
+ * The base is made writable first, in place (block/reopen.ts, as
+ * commit_active_start), and read-only again if the set-up fails. Later
+ * only the pivot changes it, as for any mirror (mirror_exit_common): the
+ * base takes the read-only state of the top it replaces, so a read-only
+ * top leaves a read-only base; a cancelled or failed job leaves the base
+ * writable, as QEMU 7.2 does. The job's edge on the base shares everything:
  * the layer above still reads it as its backing. The base grows to the
  * top's length when shorter. After the pivot the committed layers are
  * unreferenced (user-owned ones stay open, as blockdev nodes do), and an
@@ -19,9 +22,8 @@
  *     filterNodeName?, autoFinalize?, autoDismiss?, backingFile? }): Promise<Job>
  */
 import { Perm } from '../block/flags.js';
-import type { BlockGraph } from '../block/graph.js';
 import type { BlockNode } from '../block/node.js';
-import { reopenReadWrite } from '../block/chain.js';
+import { reopenSetReadOnly } from '../block/reopen.js';
 import type { Job, OnErrorPolicy } from './job.js';
 import { startMirrorJob, type MirrorCtx } from './mirror.js';
 
@@ -39,39 +41,29 @@ export interface ActiveCommitOptions {
 
 export async function startActiveCommit(ctx: MirrorCtx, opts: ActiveCommitOptions): Promise<Job> {
   ctx.jobs.checkNewId(opts.jobId);
-  const base = await writableInPlace(ctx.graph, opts.base);
-  return startMirrorJob(
-    ctx,
-    {
-      jobId: opts.jobId,
-      source: opts.top,
-      target: base,
-      sync: 'full',
-      speed: opts.speed,
-      onSourceError: opts.onError,
-      onTargetError: opts.onError,
-      filterNodeName: opts.filterNodeName,
-      autoFinalize: opts.autoFinalize,
-      autoDismiss: opts.autoDismiss,
-    },
-    { type: 'commit', dirtyMode: 'above-target', targetShared: Perm.ALL, backingFile: opts.backingFile },
-  );
-}
-
-/** A writable base under the same node name and ownership (see the note at the top). */
-async function writableInPlace(graph: BlockGraph, base: BlockNode): Promise<BlockNode> {
-  if (!base.readOnly) return base;
-  const { nodeName, userOwned, autoNamed } = base;
-  const twin = await reopenReadWrite(graph, base);
-  if (userOwned) {
-    base.userOwned = false;
-    await graph.unref(base);
+  const { base } = opts;
+  const baseWasReadOnly = base.readOnly;
+  if (baseWasReadOnly) await reopenSetReadOnly(base, false);
+  try {
+    return await startMirrorJob(
+      ctx,
+      {
+        jobId: opts.jobId,
+        source: opts.top,
+        target: base,
+        sync: 'full',
+        speed: opts.speed,
+        onSourceError: opts.onError,
+        onTargetError: opts.onError,
+        filterNodeName: opts.filterNodeName,
+        autoFinalize: opts.autoFinalize,
+        autoDismiss: opts.autoDismiss,
+      },
+      { type: 'commit', dirtyMode: 'above-target', targetShared: Perm.ALL, backingFile: opts.backingFile },
+    );
+  } catch (e) {
+    // error_restore_flags: the set-up's error is the one reported.
+    if (baseWasReadOnly) await reopenSetReadOnly(base, true).catch(() => undefined);
+    throw e;
   }
-  twin.userOwned = userOwned;
-  if (!autoNamed && graph.nodes.get(nodeName) === undefined) {
-    graph.nodes.delete(twin.nodeName);
-    twin.nodeName = nodeName;
-    graph.nodes.set(nodeName, twin);
-  }
-  return twin;
 }

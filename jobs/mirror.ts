@@ -56,8 +56,10 @@
  *
  * Exit (mirror_exit_common), from prepare on success or abort: hooks off,
  * bitmap released, the job's target edge dropped; on complete (not on a
- * soft cancel) the parents of `replaces` (default: the source, whose only
- * parent is then the filter) move onto the target; the filter's parents
+ * soft cancel) the target is reopened with the read-only state of
+ * `replaces` (default: the source) if it differs (block/reopen.ts), and
+ * the parents of `replaces` (the source's only parent is then the filter)
+ * move onto the target; the filter's parents
  * move onto the filter's child (the target after a pivot, else the
  * source) and the filter closes; the drain ends. Source and target are
  * unref'd: user-owned (blockdev-add) nodes and nodes with users stay open
@@ -70,8 +72,8 @@
  * which retries after job-resume.
  *
  * Left out: `replaces` checks at complete time, BLOCK_JOB's
- * `actively-synced` (8.2; QEMU 7.2 does not report it), restoring a
- * commit base to read-only afterwards, target cluster alignment of copy ops;
+ * `actively-synced` (8.2; QEMU 7.2 does not report it), target cluster
+ * alignment of copy ops;
  * the initial zeroing runs one request at a time (QEMU keeps up to
  * MAX_IN_FLIGHT of them in flight).
  */
@@ -84,6 +86,7 @@ import { drainedBegin, drainedEnd } from '../block/drain.js';
 import { blockStatusAbove } from '../block/status.js';
 import { moveParents, replaceNode } from '../block/replace.js';
 import { changeBackingFile } from '../block/chain.js';
+import { reopenSetReadOnly } from '../block/reopen.js';
 import type { BlockGraph } from '../block/graph.js';
 import { insertMirrorTop, mirrorTopChild, setMirrorTopHooks, type GuestWrite, type MirrorTopHooks } from '../drivers/mirror-top.js';
 import { checkNodesFree, claimNodes } from './block-job.js';
@@ -509,7 +512,12 @@ export class Mirror implements JobDriver, MirrorTopHooks {
     await drainedBegin(this.target);
     let moved: BdrvChild[] = [];
     try {
-      if (pivot) moved = moveParents(this.opts.replaces ?? this.source, this.target);
+      if (pivot) {
+        const replaced = this.opts.replaces ?? this.source;
+        // The target takes the replaced node's read-only state; a failure is ignored, as QEMU's.
+        if (replaced.readOnly !== this.target.readOnly) await reopenSetReadOnly(this.target, replaced.readOnly).catch(() => undefined);
+        moved = moveParents(replaced, this.target);
+      }
       const below = mirrorTopChild(this.filter).node;
       await drainedBegin(this.filter);
       try {

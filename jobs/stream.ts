@@ -5,8 +5,10 @@
  *
  * Set-up (startStream, in stream_start's order): the caller has resolved
  * the device and the base (null: the whole chain, so the device ends with
- * no backing image). A read-only device image is made writable
- * (block/chain.ts reopenReadWrite; it is not made read-only again). A
+ * no backing image). A read-only device image is made writable in place
+ * (block/reopen.ts, as stream_start's bdrv_reopen_set_read_only) and
+ * read-only again when the job ends, whatever the outcome (stream_clean;
+ * a failure to do so is ignored, as in QEMU), or when the set-up fails. A
  * copy-on-read filter (drivers/copy-on-read.ts) is inserted above the
  * device — named `filter-node-name`, else automatically (`#blockNNN`, as
  * QEMU's implicit filter) — with `bottom` the lowest image streamed from
@@ -39,10 +41,11 @@
  * edges; on failure or cancel the chain is left as it was, and whatever
  * was copied is already in the device and harmless.
  */
-import { backingChainNext, changeBackingFile, reopenReadWrite } from '../block/chain.js';
+import { backingChainNext, changeBackingFile } from '../block/chain.js';
 import { Perm, Req } from '../block/flags.js';
 import type { BlockGraph } from '../block/graph.js';
 import { attachChild, detachChild, replaceChildNode, TransientParent, type BdrvChild, type BlockNode } from '../block/node.js';
+import { reopenSetReadOnly } from '../block/reopen.js';
 import { blockStatusAbove, isAllocated } from '../block/status.js';
 import { dropCopyOnRead, insertCopyOnRead } from '../drivers/copy-on-read.js';
 import { runChainCopy } from './chain-copy.js';
@@ -74,6 +77,8 @@ interface StreamState {
   readEdge: BdrvChild | null;
   /** The job's blocker edge on the device image (block_job_add_bdrv "active node"). */
   topEdge: BdrvChild | null;
+  /** The device image was read-only: it is made so again at the end (stream_clean). */
+  topWasReadOnly: boolean;
 }
 
 /** The lowest image above `base` in the chain below `top` (bdrv_find_overlay); `top` when base is its backing. */
@@ -86,22 +91,22 @@ function baseOverlay(top: BlockNode, base: BlockNode | null): BlockNode {
 /** Creates and starts a stream job (see the note at the top). */
 export async function startStream(ctx: JobContext, opts: StreamOptions): Promise<Job> {
   checkNodesFree([opts.device]);
-  const original = opts.device.skipFilters();
-  const top = original.readOnly ? await reopenReadWrite(ctx.graph, original) : original;
-  const device = opts.device === original ? top : opts.device;
-  const filter = await insertCopyOnRead(ctx.graph, device, baseOverlay(top, opts.base), opts.filterNodeName);
-  const s: StreamState = { graph: ctx.graph, top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter, readEdge: null, topEdge: null };
+  const top = opts.device.skipFilters();
+  const s: StreamState = { graph: ctx.graph, top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, readEdge: null, topEdge: null, topWasReadOnly: top.readOnly };
+  if (s.topWasReadOnly) await reopenSetReadOnly(top, false);
   let job: Job;
   try {
+    const filter = await insertCopyOnRead(ctx.graph, opts.device, baseOverlay(top, opts.base), opts.filterNodeName);
+    s.filter = filter;
     ctx.jobs.checkNewId(opts.jobId);
-    job = createBlockJob(ctx, streamDriver(s), opts, [filter, device, top]);
+    job = createBlockJob(ctx, streamDriver(s), opts, [filter, opts.device, top]);
   } catch (e) {
-    await dropFilter(s);
+    await streamClean(s);
     throw e;
   }
   try {
     const parent = new TransientParent(`block job '${opts.jobId}'`);
-    s.readEdge = attachChild(parent, 'stream', 0, filter, Perm.CONSISTENT_READ, STREAM_SHARED);
+    s.readEdge = attachChild(parent, 'stream', 0, s.filter!, Perm.CONSISTENT_READ, STREAM_SHARED);
     s.topEdge = attachChild(parent, 'active node', 0, top, 0, STREAM_SHARED);
   } catch (e) {
     await streamClean(s);
@@ -118,11 +123,14 @@ async function dropFilter(s: StreamState): Promise<void> {
   if (filter) await dropCopyOnRead(s.graph, filter);
 }
 
-/** stream_clean: the job's edges go, and the filter if prepare did not take it out. */
+/** stream_clean: the job's edges go, the filter if prepare did not take it out, then a read-only device is so again. */
 async function streamClean(s: StreamState): Promise<void> {
   for (const edge of [s.readEdge, s.topEdge]) if (edge) detachChild(edge);
   s.readEdge = s.topEdge = null;
   await dropFilter(s);
+  if (!s.topWasReadOnly) return;
+  s.topWasReadOnly = false;
+  await reopenSetReadOnly(s.top, true).catch(() => undefined);
 }
 
 function streamDriver(s: StreamState): JobDriver {

@@ -96,6 +96,7 @@ export function addExport(d: Daemon, r: ExportRequest): void {
   if (d.exports.has(r.id)) throw genericError(`Block export id '${r.id}' is already in use`);
   const node = d.graph.nodes.get(r.nodeName);
   if (!node) throw genericError(`Cannot find device='' nor node-name='${r.nodeName}'`);
+  if (r.writable && node.readOnly) throw genericError('Cannot export read-only node as writable');
   const server = d.nbdServer;
   if (!server) throw genericError('NBD server not running');
   const nbdName = r.name ?? r.nodeName;

@@ -40,6 +40,8 @@ import { loadHostIo, type HostIo } from './host-io.js';
 import { resizeFile } from './resize.js';
 
 interface FileState extends HostFile {
+  /** The host path opened (a reopen opens it again). */
+  path: string;
   host: HostIo;
   isBlockDevice: boolean;
   /**
@@ -135,6 +137,7 @@ async function open(node: BlockNode, options: Record<string, unknown>): Promise<
     }
     const directIo = direct ? await setUpDirectIo(node, fh, host) : null;
     node.opaque = {
+      path: filename,
       fh,
       direct: directIo,
       writeLane: directIo === null && st.isFile() ? new WriteLane() : undefined,
@@ -237,6 +240,36 @@ async function getAllocatedFileSize(node: BlockNode): Promise<number | undefined
   return st.blocks * 512;
 }
 
+/**
+ * raw_reopen_prepare/commit for the access mode: a new descriptor on the
+ * same file (QEMU's "Could not reopen file: …"; a file replaced on disk
+ * since the open is refused rather than written to), swapped in while the
+ * node is drained, the old one closed. This driver takes no host locks
+ * (file-posix's OFD locks), so none move; O_DIRECT and its alignment stay.
+ */
+async function reopen(node: BlockNode, readOnly: boolean): Promise<void> {
+  const s = state(node);
+  const access = readOnly ? fs.constants.O_RDONLY : fs.constants.O_RDWR;
+  let fh: fs.promises.FileHandle;
+  try {
+    fh = await fs.promises.open(s.path, s.direct ? access | O_DIRECT! : access);
+  } catch (e) {
+    throw toBlockError(e, 'Could not reopen file');
+  }
+  try {
+    const [now, opened] = await Promise.all([fh.stat(), s.fh.stat()]);
+    if (now.dev !== opened.dev || now.ino !== opened.ino) {
+      throw new BlockError('EIO', `Could not reopen file: '${s.path}' is no longer the file that was opened`);
+    }
+  } catch (e) {
+    await fh.close();
+    throw toBlockError(e);
+  }
+  const old = s.fh;
+  s.fh = fh;
+  await old.close();
+}
+
 async function close(node: BlockNode): Promise<void> {
   await state(node).fh.close();
 }
@@ -250,6 +283,7 @@ export const fileDriver: BlockDriver = {
   getInfo: () => ({}),
   open,
   close,
+  reopen,
   getLength,
   coPreadv,
   coPwritev,

@@ -16,7 +16,8 @@
  * crash at any point leaves either the old or the new bitmaps on disk,
  * and refcounts that at worst leak. Entries are written with their `auto`
  * flag (recording) and without `in_use`. Inconsistent bitmaps keep their
- * in-use entry. The stored bitmaps are then released from the node.
+ * in-use entry. The stored bitmaps are then released from the node (on
+ * close; a read-only reopen keeps them, read-only).
  * Messages and limits are QEMU's; a failure loses the bitmaps (the caller
  * reports "Lost persistent bitmaps during inactivation of node …").
  *
@@ -51,8 +52,11 @@ interface StoreEntry extends DirBitmap {
   bitmap: DirtyBitmap | null;
 }
 
-/** qcow2_store_persistent_dirty_bitmaps with release_stored (lock held). */
-export async function storeQcow2Bitmaps(s: Qcow2State): Promise<void> {
+/**
+ * qcow2_store_persistent_dirty_bitmaps (lock held): with `release` (close)
+ * the stored bitmaps leave the node; without (a read-only reopen) they stay.
+ */
+export async function storeQcow2Bitmaps(s: Qcow2State, release = true): Promise<void> {
   if (s.image.header.version < Qcow2Version.V3) return;
   const list: StoreEntry[] = (await readDirectory(s)).map((e) => ({ ...e, bitmap: null }));
   const dropTables = collectEntries(s, list);
@@ -61,7 +65,7 @@ export async function storeQcow2Bitmaps(s: Qcow2State): Promise<void> {
     await writeBitmaps(s, list);
     for (const table of dropTables) await freeBitmapClusters(s, table);
   }
-  for (const entry of list) if (entry.bitmap) releaseDirtyBitmap(s.node, entry.bitmap);
+  if (release) for (const entry of list) if (entry.bitmap) releaseDirtyBitmap(s.node, entry.bitmap);
 }
 
 /**

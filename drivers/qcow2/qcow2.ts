@@ -3,6 +3,7 @@
  * modules of drivers/qcow2/ together.
  *
  *   open.ts        open/close, backing chain       options.ts   blockdev keys
+ *   reopen.ts      read-only <-> read-write in place
  *   io.ts          read/write/zero/discard/status  truncate.ts  resize (shrink.ts)
  *   amend.ts       qemu-img amend (refcount-order.ts, zero-expand.ts)
  *   cluster.ts     guest -> host runs (reads)      alloc.ts     write steps, COW, L2 linking
@@ -35,6 +36,7 @@ import { Compat, HeaderBytes, Incompat, QCOW2_MAGIC, Qcow2Version } from './form
 import { coBlockStatus, coFlushToOs, coPdiscard, coPreadv, coPwriteZeroes, coPwritev } from './io.js';
 import { coPwritevCompressed } from './compress-write.js';
 import { closeQcow2, openQcow2 } from './open.js';
+import { reopenQcow2 } from './reopen.js';
 import { optionsSchema, type RawOptions } from './options.js';
 import type { DirtyRepair } from './repair.js';
 import { repairDirtyImage } from './check.js';
@@ -95,6 +97,7 @@ export function makeQcow2Driver(opts: { repairDirty?: DirtyRepair } = {}): Block
     createOpts: QCOW2_CREATE_OPTS,
     open: (node, options, ctx) => openQcow2(node, options as RawOptions, ctx, repair),
     close: closeQcow2,
+    reopen: reopenQcow2,
     getLength: async (node) => Math.floor(stateOf(node).image.header.virtualBytes / 512) * 512,
     coPreadv,
     coPwritev,

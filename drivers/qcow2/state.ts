@@ -108,7 +108,8 @@ export interface Qcow2State {
   readonly refcountCache: MetadataCache;
   readonly lock: ImageLock;
   readonly opts: Qcow2Options;
-  readonly writable: boolean;
+  /** Writes allowed (the node is read-write); switched by reopen.ts. */
+  writable: boolean;
   /** False once a fatal corruption was signalled (QEMU sets bs->drv = NULL). */
   usable: boolean;
   corruptionSignalled: boolean;

@@ -13,8 +13,9 @@
  *   2. the base: -b as bdrv_find_backing_image finds it ("Did not find 'B'
  *      in the backing chain of 'F'"), else the backing file ("Image does
  *      not have a backing file");
- *   3. the base is made writable (block/chain.ts reopenReadWrite) and
- *      everything above it is copied into it (block/commit.ts: the base
+ *   3. the base is made writable in place (block/reopen.ts, as
+ *      commit_active_start does; it keeps the cache and discard flags it
+ *      inherited from the top) and everything above it is copied into it (block/commit.ts: the base
  *      grows to the top's size if it is smaller; -r limits the rate in
  *      bytes per second; -p shows the job's progress). A failure there is
  *      "Block job failed: <strerror>";
@@ -26,12 +27,13 @@
  */
 import { Option } from 'commander';
 import { BlockBackend } from '../../block/backend.js';
-import { backingChainNext, findBackingImage, reopenReadWrite } from '../../block/chain.js';
+import { backingChainNext, findBackingImage } from '../../block/chain.js';
 import { commitAbove } from '../../block/commit.js';
 import { BlockError, strerror } from '../../block/errors.js';
 import type { BlockGraph } from '../../block/graph.js';
 import { makeEmpty } from '../../block/make-empty.js';
 import type { BlockNode } from '../../block/node.js';
+import { reopenSetReadOnly } from '../../block/reopen.js';
 import { CliError, usageError } from '../cli-common.js';
 import { applyCacheMode, defaultOpenSettings, type OpenSettings } from '../io/open.js';
 import { commonOption, commonOptions, cvtnum, declareCommand, type ImgCommand, type ImgContext } from './command.js';
@@ -124,11 +126,11 @@ function findBase(top: BlockNode, a: CommitArgs): BlockNode {
 
 /** Steps 3 and 4 of the note at the top. */
 async function commitInto(graph: BlockGraph, top: BlockNode, base: BlockNode, a: CommitArgs, settings: OpenSettings, progress: ProgressLike) {
-  const writableBase = await reopenReadWrite(graph, base, { direct: settings.direct, noFlush: settings.noFlush, unmap: true });
+  await reopenSetReadOnly(base, false);
   const writeCache = !settings.writethrough;
   const source = new BlockBackend(graph, top, { name: 'commit', writable: !a.drop, writeCache });
   try {
-    const target = new BlockBackend(graph, writableBase, { name: 'commit target', writable: true, resizable: true, writeCache });
+    const target = new BlockBackend(graph, base, { name: 'commit target', writable: true, resizable: true, writeCache });
     try {
       let reported = 0;
       await commitAbove(source, target, {

@@ -13,13 +13,17 @@
  *     (read-only is fine); an export made before the backup moves onto the
  *     filter and the backup starts; the target stays exportable, writable
  *     too (the filter shares writes on it).
+ *   - permissions derived from a node's users (block/perms.ts): a mirror
+ *     target's file node refuses a writable export for 'consistent read,
+ *     write' (the format node passes on what the mirror leaves unshared);
+ *     a raw node without users takes nothing on its file, so it can sit
+ *     beside a format node; a read-only node refuses a writable format, a
+ *     copy-on-read filter and a writable export above it; blkdebug's
+ *     take-child-perms / unshare-child-perms add to and take from its
+ *     image edge (QEMU 7.2 refuses 'graph-mod').
  *
  * Automatic node names (#blockNNN) are numbered differently and are
- * compared as #block. Known differences are `it.fails` cases: QEMU derives a
- * format node's sharing on its file from the node's own users (a mirror
- * target's file then refuses consistent reads too), and a raw node without
- * users takes nothing on its file; ours keeps the permissions an edge was
- * attached with. Build first (npm run build).
+ * compared as #block. Build first (npm run build).
  */
 import { afterEach, describe, expect, it } from 'vitest';
 import { missingPeers } from '../helpers/peers.js';
@@ -114,14 +118,37 @@ describe.skipIf(missingPeers('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('per
     });
   });
 
-  it.fails("a mirror target's file refuses consistent reads too (QEMU derives a node's sharing from its users)", async () => {
+  it("a mirror target's file refuses consistent reads too (QEMU derives a node's sharing from its users)", async () => {
     await expectSameOutcomes('mirror-file', async (s) => {
       await s.exec('blockdev-mirror', { 'job-id': 'm', device: 'src', target: 't1', sync: 'full' });
       await exportOf(s, 'e1', 't1f', true);
     });
   });
 
-  it.fails('a raw node without users takes nothing on its file', async () => {
+  it('a read-only node refuses what would write it from above: a writable format, a copy-on-read filter, a writable export', async () => {
+    await expectSameOutcomes('read-only-below', async (s) => {
+      await createImage(s.dir, 'ro.qcow2', '4M');
+      await s.exec('blockdev-add', { ...s.fileRef('ro.qcow2'), 'node-name': 'rof', 'read-only': true });
+      await s.exec('blockdev-add', { driver: 'qcow2', 'node-name': 'q2', file: 'rof' });
+      await s.exec('blockdev-add', { driver: 'copy-on-read', 'node-name': 'c2', file: 'rof' });
+      await s.exec('blockdev-add', { driver: 'qcow2', 'node-name': 'q3', 'read-only': true, file: 'rof' });
+      await exportOf(s, 'e1', 'q3', true);
+      await exportOf(s, 'e2', 'q3');
+    });
+  });
+
+  it("blkdebug's take-child-perms and unshare-child-perms change what it holds on its image", async () => {
+    await expectSameOutcomes('blkdebug-perms', async (s) => {
+      await s.exec('blockdev-add', { driver: 'blkdebug', 'node-name': 'b1', image: 'srcf', 'unshare-child-perms': ['consistent-read'] });
+      await s.exec('blockdev-add', { driver: 'blkdebug', 'node-name': 'b2', image: 't1f', 'take-child-perms': ['write'] });
+      await s.exec('blockdev-add', { driver: 'blkdebug', 'node-name': 'b3', image: 't1f', 'take-child-perms': ['consistent-read', 'graph-mod'] });
+      await s.exec('blockdev-add', { driver: 'blkdebug', 'node-name': 'b4', image: 't1', 'unshare-child-perms': ['write'] });
+      await exportOf(s, 'e1', 't1', true);
+      await exportOf(s, 'e2', 'b4', true);
+    });
+  });
+
+  it('a raw node without users takes nothing on its file', async () => {
     await expectSameOutcomes('raw-unused', async (s) => {
       await s.exec('blockdev-add', { driver: 'raw', 'node-name': 'r2', file: 'srcf' });
       await s.exec('blockdev-add', { driver: 'raw', 'node-name': 'r3', file: 'src' });

@@ -15,7 +15,8 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { BlockBackend } from '../../block/backend.js';
-import { backingChainNext, changeBackingFile, findBackingImage, reopenReadWrite } from '../../block/chain.js';
+import { backingChainNext, changeBackingFile, findBackingImage } from '../../block/chain.js';
+import { reopenSetReadOnly } from '../../block/reopen.js';
 import { IN_FLIGHT_MAX, commitAbove } from '../../block/commit.js';
 import { createImage } from '../../block/create.js';
 import { BlockError } from '../../block/errors.js';
@@ -27,12 +28,11 @@ import { attachChild, detachChild, TransientParent, type BlockNode } from '../..
 import { RateLimit } from '../../block/ratelimit.js';
 import { copyBackingDifferences } from '../../block/rebase.js';
 import { blockStatus } from '../../block/status.js';
-import { openForCheck } from '../../drivers/qcow2/check-open.js';
-import { NO_FIX } from '../../drivers/qcow2/check.js';
 import { stateOf } from '../../drivers/qcow2/state.js';
 import { testGraph } from '../helpers/graphs.js';
 import { memGraph, memOf, pattern, type MemCall } from '../helpers/mem-driver.js';
 import { hasTool } from '../helpers/peers.js';
+import { checkOf, CLEAN } from '../helpers/qcow2-verdict.js';
 import { scratchDir } from '../helpers/tmp.js';
 
 const KiB = 1024;
@@ -101,19 +101,6 @@ async function contentOf(filename: string, format = 'qcow2'): Promise<Buffer> {
   return buf;
 }
 
-/** Our qcow2 check of a file: corruptions, leaks and check errors (all 0 when clean). */
-async function checkOf(filename: string): Promise<{ corruptions: number; leaks: number; checkErrors: number }> {
-  const target = await openForCheck(testGraph(), { filename, repair: false }, () => undefined);
-  if (target.kind !== 'qcow2') throw new Error('not qcow2');
-  try {
-    const { result } = await target.checker.check(NO_FIX);
-    return { corruptions: result.corruptions, leaks: result.leaks, checkErrors: result.checkErrors };
-  } finally {
-    await target.close();
-  }
-}
-
-const CLEAN = { corruptions: 0, leaks: 0, checkErrors: 0 };
 
 describe('RateLimit', () => {
   it('lets everything through at speed 0', () => {
@@ -187,10 +174,10 @@ describe('commitAbove', () => {
     const top = await open(graph, topFile);
     let base = backingChainNext(top)!;
     for (let i = 1; i < baseDepth; i++) base = backingChainNext(base)!;
-    const writable = await reopenReadWrite(graph, base, { unmap: true });
+    await reopenSetReadOnly(base, false);
     const source = new BlockBackend(graph, top);
-    const target = new BlockBackend(graph, writable, { writable: true, resizable: true });
-    return { graph, top, base: writable, source, target };
+    const target = new BlockBackend(graph, base, { writable: true, resizable: true });
+    return { graph, top, base, source, target };
   }
 
   it('makes the base read as the top did, grows it, and keeps the check clean', async () => {

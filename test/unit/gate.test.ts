@@ -517,6 +517,8 @@ describe('drain', () => {
   it('does not hold requests the gate issues below the drained node', async () => {
     const graph = memGraph();
     const raw = await graph.openNode({ driver: 'raw', file: { driver: 'test-mem', 'node-name': 'mem' } });
+    // A writer of the raw node, so that raw takes write on its file (raw_child_perm).
+    new BlockBackend(graph, raw, { writable: true });
     const mem = memOf(graph.node('mem'));
     await drainedBegin(raw);
     await pwriteZeroes(raw.file!, 0, 512);

@@ -110,6 +110,8 @@ describe('blockStatus of one node', () => {
   it('reads a window past its shrunken child as allocated zeroes', async () => {
     const graph = memGraph();
     const raw = await graph.openNode({ driver: 'raw', file: { driver: 'test-mem', size: 8 * KiB } });
+    // A resizer of the raw node, so that raw takes resize on its file (raw_child_perm).
+    attachChild(new TransientParent('resizer'), 'x', 0, raw, Perm.RESIZE, Perm.ALL);
     await truncate(raw.file!, 4 * KiB, true, 'off');
     expect(raw.totalBytes).toBe(8 * KiB);
     expect(await blockStatus(raw, 4 * KiB, 4 * KiB)).toEqual({ status: ZERO | ALLOCATED | EOF, pnum: 4 * KiB });
