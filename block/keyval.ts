@@ -165,14 +165,7 @@ export const JSON_FILENAME_PREFIX = 'json:';
 
 /** Parses a `json:{...}` pseudo-filename (dotted keys inside are nested too). */
 export function parseJsonFilename(filename: string): OptionTree {
-  let parsed: unknown;
-  try {
-    parsed = parseQemuJson(filename.slice(JSON_FILENAME_PREFIX.length));
-  } catch (e) {
-    throw invalid(`Could not parse the JSON options: ${(e as Error).message}`);
-  }
-  if (!isPlainObject(parsed)) throw invalid('Invalid JSON object given');
-  return unflatten(Object.entries(parsed));
+  return jsonObjectTree(filename.slice(JSON_FILENAME_PREFIX.length), 'Could not parse the JSON options: ');
 }
 
 /**
@@ -181,11 +174,16 @@ export function parseJsonFilename(filename: string): OptionTree {
  * are, without the filename's prefix.
  */
 export function parseJsonOption(text: string): OptionTree {
+  return jsonObjectTree(text, '');
+}
+
+/** A JSON object as an option tree; parse errors get `errorPrefix`. */
+function jsonObjectTree(text: string, errorPrefix: string): OptionTree {
   let parsed: unknown;
   try {
     parsed = parseQemuJson(text);
   } catch (e) {
-    throw invalid((e as Error).message);
+    throw invalid(errorPrefix + (e as Error).message);
   }
   if (!isPlainObject(parsed)) throw invalid('Invalid JSON object given');
   return unflatten(Object.entries(parsed));
