@@ -26,7 +26,8 @@
 //                           running `perf record … --`; RSS and CPU are then
 //                           the wrapper's);
 //   MIRROR_BENCH_BASE_BIN   with --sides ours,base: an earlier build's
-//                           dist/bin/qemu-storage-daemon-ts.mjs, for A/B runs.
+//                           dist/bin/qemu-storage-daemon-ts.mjs, for A/B runs
+//                           (ratios are then against the base build).
 import { execFileSync, spawn } from 'node:child_process';
 import { randomBytes, randomInt } from 'node:crypto';
 import fs from 'node:fs';
@@ -207,21 +208,27 @@ function row(name, withWriter) {
   };
 }
 
+const SIDE_TITLES = { ours: 'ours', qemu: 'qemu-storage-daemon', base: 'base build' };
+/** The side ratios are taken against: qemu when it ran, else the second side (an A/B run). */
+const REFERENCE = SIDES.includes('qemu') ? 'qemu' : SIDES[SIDES.length - 1];
+
 function printResults(results) {
   const f = (x) => x.toFixed(3);
   const cell = (s) => `${f(s.median)} s (${f(s.min)}–${f(s.max)})`;
+  const others = SIDES.filter((s) => s !== REFERENCE);
   console.log(`\n### mirror ${(sizeBytes / MiB).toFixed(0)} MiB qcow2 (½ data) → new qcow2 on /dev/shm (${runs} interleaved runs each)\n`);
-  console.log('| case | ours | qemu-storage-daemon | ratio ours/qemu | daemon peak RSS ours / qemu |');
-  console.log('|---|---|---|---|---|');
+  const ratioTitles = others.map((s) => `ratio ${s}/${REFERENCE}`);
+  console.log(`| case | ${SIDES.map((s) => SIDE_TITLES[s]).join(' | ')} | ${ratioTitles.join(' | ')} | daemon peak RSS ${SIDES.join(' / ')} |`);
+  console.log(`|---|${SIDES.map(() => '---|').join('')}${others.map(() => '---|').join('')}---|`);
   for (const r of results) {
-    const s = r.sides;
-    const side = (name, fmt) => (s[name] ? fmt(s[name]) : '–');
-    const ratio = s.ours && s.qemu ? r.ratios.ours.toFixed(2) : '–';
-    console.log(`| ${r.name} | ${side('ours', cell)} | ${side('qemu', cell)} | ${ratio} | ${side('ours', (x) => x.rss.toFixed(0))} / ${side('qemu', (x) => x.rss.toFixed(0))} MiB |`);
+    const cells = SIDES.map((s) => cell(r.sides[s]));
+    const ratios = others.map((s) => r.ratios[s].toFixed(2));
+    const rss = SIDES.map((s) => r.sides[s].rss.toFixed(0)).join(' / ');
+    console.log(`| ${r.name} | ${cells.join(' | ')} | ${ratios.join(' | ')} | ${rss} MiB |`);
   }
 }
 
 execFileSync('qemu-storage-daemon', ['--version'], { stdio: 'ignore' });
 makePristine();
 const rows = [row('no writes during the job', false), row(`steady writer, ${values['writer-mib-s']} MiB/s of 64 KiB writes`, true)];
-printResults(await runSides(rows, SIDES, runs, 'qemu'));
+printResults(await runSides(rows, SIDES, runs, REFERENCE));
