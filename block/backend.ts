@@ -98,6 +98,11 @@ export class BlockBackend implements EdgeParent {
     return (this.root.perm & Perm.WRITE) !== 0;
   }
 
+  /** blk_set_perm: what the root edge takes and shares from now on; a refusal (thrown) leaves both as they were. */
+  setPerm(perm: number, shared: number): void {
+    setEdgePerms(this.root, perm, shared);
+  }
+
   /** The node's length in bytes. */
   getLength(): number {
     return this.node.totalBytes;

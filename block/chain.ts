@@ -22,13 +22,19 @@
  * `updateBackingName` is what an overlay does when the image below it
  * changes (bdrv_child_cb_update_filename): a read-only overlay is reopened
  * read-write around the header rewrite.
+ *
+ * `setBackingNode` is bdrv_set_backing_hd and `openStoredBacking`
+ * bdrv_open_backing_file, for an image opened without its backing
+ * (BDRV_O_NO_BACKING) that gets one later (drive-mirror's target): they
+ * change the graph only, never the header.
  */
 import fs from 'node:fs';
-import { BlockError } from './errors.js';
+import { BlockError, toBlockError } from './errors.js';
 import { flush } from './io.js';
 import { fullBackingFilename, hasProtocol } from './create.js';
+import type { BlockGraph } from './graph.js';
 import type { DriverBackingInfo } from './info.js';
-import type { BlockNode } from './node.js';
+import { attachChild, ChildRole, detachChild, replaceChildNode, type BlockNode } from './node.js';
 import { reopenSetReadOnly } from './reopen.js';
 
 /** The image below `node`, filters skipped on both sides (bdrv_backing_chain_next). */
@@ -99,5 +105,34 @@ export async function updateBackingName(overlay: BlockNode, name: string | null,
     await changeBackingFile(overlay, name, format, false);
   } finally {
     if (wasReadOnly) await reopenSetReadOnly(overlay, true).catch(() => undefined);
+  }
+}
+
+/** bdrv_set_backing_hd (see the note at the top): `backing` becomes `node`'s backing image; one it had is let go. */
+export async function setBackingNode(graph: BlockGraph, node: BlockNode, backing: BlockNode | null): Promise<void> {
+  const old = node.cowChild;
+  if (old?.node === backing) return;
+  if (old && backing) replaceChildNode(old, backing);
+  else if (old) detachChild(old);
+  else if (backing) attachChild(node, 'backing', ChildRole.COW, backing);
+  if (old) await graph.unref(old.node);
+}
+
+/** bdrv_open_backing_file (see the note at the top): opens, read-only, the backing file `node` names and attaches it. */
+export async function openStoredBacking(graph: BlockGraph, node: BlockNode): Promise<void> {
+  const info = node.driver.getInfo(node) as DriverBackingInfo | null;
+  if (!info?.backingFile) return;
+  const filename = fullBackingFilename(node.file?.node.filename ?? node.filename, info.backingFile);
+  let backing: BlockNode;
+  try {
+    backing = await graph.openImage(filename, { format: info.backingFormat, readOnly: true });
+  } catch (e) {
+    throw toBlockError(e, 'Could not open backing file');
+  }
+  try {
+    await setBackingNode(graph, node, backing);
+  } catch (e) {
+    await graph.unref(backing);
+    throw e;
   }
 }

@@ -194,6 +194,18 @@ export interface BlockDriver {
    */
   childPerms?(node: BlockNode, role: ChildRoleFlags, parents: ParentPerms): PermPair;
   /**
+   * bdrv_check_perm / bdrv_set_perm / bdrv_abort_perm_update: the node's
+   * cumulative parent permissions are about to become `perm` (or'ed) and
+   * `shared` (and'ed). block/perms.ts calls checkPerm for every node a
+   * refresh visits, parents first; it throws to refuse. Then either
+   * setPerm commits each checked node, or abortPerm undoes each, newest
+   * first. All synchronous. Absent: nothing to do (the file driver locks
+   * host bytes, drivers/file/lock.ts).
+   */
+  checkPerm?(node: BlockNode, perm: number, shared: number): void;
+  setPerm?(node: BlockNode, perm: number, shared: number): void;
+  abortPerm?(node: BlockNode): void;
+  /**
    * bdrv_make_empty: drops every cluster the image itself allocates, so it
    * reads through to its backing file (or as zeroes). Called drained, by a
    * parent holding write permission (block/make-empty.ts). Absent: ENOTSUP
@@ -274,6 +286,8 @@ const notSupported = (what: string) => async (): Promise<never> => {
 const nothing = async (): Promise<void> => {};
 /** One shared no-op, so firing an event at a node that does not listen stays a monomorphic empty call. */
 const ignoreDebugEvent = (): void => {};
+/** Drivers that keep no state for their permissions. */
+const ignorePerms = (): void => {};
 
 export function normaliseDriver(d: BlockDriver): NormalisedDriver {
   return {
@@ -300,6 +314,9 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     drainEnd: d.drainEnd ?? (() => {}),
     reopen: d.reopen ?? nothing,
     childPerms: d.childPerms ?? defaultChildPerms,
+    checkPerm: d.checkPerm ?? ignorePerms,
+    setPerm: d.setPerm ?? ignorePerms,
+    abortPerm: d.abortPerm ?? ignorePerms,
     debugEvent: d.debugEvent ?? ignoreDebugEvent,
     qapiProblem: d.qapiProblem ?? (() => null),
     has: {

@@ -106,6 +106,8 @@ export interface EdgeParent {
   /** Drain of a child began/ended: stop/resume issuing new requests. */
   drainedBegin(): void;
   drainedEnd(): void;
+  /** A job's hold on a node (QEMU's child_job edge): neither a node nor a BlockBackend. */
+  readonly isJob?: boolean;
 }
 
 /** A parent for short-lived internal edges (format probing, one-off reads). */

@@ -62,34 +62,38 @@ export function zBool(key: string) {
 
 /**
  * A string as QemuOpts reads a number (qemu_strtou64 with base 0): leading
- * whitespace, an optional `+`, then hex (`0x`), octal (leading `0`) or
- * decimal digits, nothing after. Returns null when it is not a number.
+ * whitespace, an optional `+` (or, when `negative`, `-`: strtoull takes
+ * it), then hex (`0x`), octal (leading `0`) or decimal digits, nothing
+ * after. Returns null when it is not a number.
  */
-function parseNumber(text: string): bigint | null {
-  const m = /^[ \t\n\v\f\r]*\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))$/.exec(text);
-  if (!m) return null;
-  if (m[1] !== undefined) return BigInt(`0x${m[1]}`);
-  if (m[2] !== undefined) return BigInt(`0o${m[2].slice(1) || '0'}`);
-  return BigInt(m[3]!);
+function parseNumber(text: string, negative = false): bigint | null {
+  const m = /^[ \t\n\v\f\r]*([+-]?)(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))$/.exec(text);
+  if (!m || (m[1] === '-' && !negative)) return null;
+  const sign = m[1] === '-' ? -1n : 1n;
+  if (m[2] !== undefined) return sign * BigInt(`0x${m[2]}`);
+  if (m[3] !== undefined) return sign * BigInt(`0o${m[3].slice(1) || '0'}`);
+  return sign * BigInt(m[4]!);
 }
 
 /**
  * A non-negative integer, or its string as QemuOpts reads numbers (hex,
  * octal, decimal). Messages: "Parameter 'KEY' expects a number" for
  * anything else, "Value 'V' is too large for parameter 'KEY'" beyond
- * 2^64 - 1, and a range message for values outside [min, max].
+ * 2^64 - 1, and a range message for values outside [min, max]. With
+ * `negative`, "-N" is a number too (QemuOpts wraps it to 2^64 - N; it is
+ * kept negative here) and `min` defaults to -(2^53 - 1).
  */
-export function zInt(key: string, opts: { min?: number; max?: number } = {}) {
-  const min = opts.min ?? 0;
+export function zInt(key: string, opts: { min?: number; max?: number; negative?: boolean } = {}) {
+  const min = opts.min ?? (opts.negative ? -Number.MAX_SAFE_INTEGER : 0);
   const max = opts.max ?? Number.MAX_SAFE_INTEGER;
   return typedAs(z.union([z.number(), z.string()]), 'integer').transform((v, ctx) => {
     const fail = (message: string) => {
       ctx.addIssue({ code: 'custom', message });
       return z.NEVER;
     };
-    const n = typeof v === 'number' ? v : parseNumber(v);
+    const n = typeof v === 'number' ? v : parseNumber(v, opts.negative);
     if (n === null || (typeof n === 'number' && !Number.isInteger(n))) return fail(`Parameter '${key}' expects a number`);
-    if (typeof n === 'bigint' && n >= 1n << 64n) return fail(`Value '${v}' is too large for parameter '${key}'`);
+    if (typeof n === 'bigint' && (n >= 1n << 64n || n <= -(1n << 64n))) return fail(`Value '${v}' is too large for parameter '${key}'`);
     if (n < min || n > max) return fail(`Parameter '${key}' expects an integer between ${min} and ${max}`);
     return Number(n);
   });

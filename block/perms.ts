@@ -37,6 +37,14 @@
  * about to take (QEMU's reopen queue), for a reopen that checks before it
  * switches.
  *
+ * Drivers see their node's new cumulative permissions as QEMU's
+ * bdrv_drv_set_perm does (the file driver locks host bytes for them):
+ * checkPerm at each node as it is visited, after the conflict checks and
+ * before its children are derived; a refusal (or any later refusal) calls
+ * abortPerm on every node checked so far, newest first; once all passed,
+ * setPerm commits each. The undo a refresh returns commits the restored
+ * permissions again.
+ *
  * Left out: QEMU's check that an image whose length is not a multiple of
  * the request alignment gets write only with resize, and BDRV_O_INACTIVE.
  */
@@ -207,15 +215,34 @@ export function refreshPerms(roots: readonly BlockNode[], opts: RefreshOptions =
     for (const [edge, perm, shared] of log.reverse()) [edge.perm, edge.shared] = [perm, shared];
     log.length = 0;
   };
-  for (const node of topologicalOrder(roots)) {
-    const reason = parentsConflict(node) ?? readOnlyConflict(node, opts);
-    if (reason) {
-      undo();
-      throw new BlockError('EPERM', reason);
+  const checked: BlockNode[] = [];
+  try {
+    for (const node of topologicalOrder(roots)) {
+      const reason = parentsConflict(node) ?? readOnlyConflict(node, opts);
+      if (reason) throw new BlockError('EPERM', reason);
+      const { perm, shared } = node.parentPerms();
+      node.driver.checkPerm(node, perm, shared);
+      checked.push(node);
+      rederiveChildren(node, opts, log);
     }
-    rederiveChildren(node, opts, log);
+  } catch (e) {
+    for (const node of checked.reverse()) node.driver.abortPerm(node);
+    undo();
+    throw e;
   }
-  return undo;
+  commitPerms(checked);
+  return () => {
+    undo();
+    commitPerms(checked);
+  };
+}
+
+/** bdrv_drv_set_perm's commit: each node's driver takes its cumulative permissions as they are now. */
+function commitPerms(nodes: readonly BlockNode[]): void {
+  for (const node of nodes) {
+    const { perm, shared } = node.parentPerms();
+    node.driver.setPerm(node, perm, shared);
+  }
 }
 
 /** bdrv_refresh_perms(node): for callers that changed what `node` or its parents hold (a reopen, a filter's state). */

@@ -23,10 +23,13 @@
  * what the filter's users do (QEMU's filter default); for an active
  * commit — the job's target is in the source's backing chain — it takes
  * no consistent read (unshared above the base in QEMU) and shares write,
- * so the job can write the base below. Left out: QEMU's `stop`, which
- * drops everything just before the filter's parents move away; here the
- * filter keeps passing its parents' permissions until it closes, so
- * writes still arriving through it are not refused.
+ * so the job can write the base below. Once the job exits (`stopMirrorTop`,
+ * QEMU's `stop` in mirror_exit_common, and on a failed set-up) the filter
+ * takes nothing and shares everything: the job no longer reads the source,
+ * and the source (or, after a pivot, the target) must not keep permissions
+ * for users about to move off it — a source that becomes the backing image
+ * of the target must hold no write. The caller keeps the filter drained
+ * from then until it is gone, so no request passes it without them.
  */
 import { z } from 'zod';
 import { BlockError } from '../block/errors.js';
@@ -64,6 +67,8 @@ interface MirrorTopState {
   hooks: MirrorTopHooks | null;
   /** QEMU's is_commit: set once a job whose target is in the source's chain attaches. */
   isCommit: boolean;
+  /** QEMU's stop: the job has exited; nothing is passed on any more. */
+  stopped: boolean;
 }
 
 const state = (node: BlockNode) => node.opaque as MirrorTopState;
@@ -89,6 +94,7 @@ function guestWrite(
 
 /** bdrv_mirror_top_child_perm (see the note at the top). */
 function childPerms(node: BlockNode, _role: number, users: PermPair): PermPair {
+  if (state(node)?.stopped) return { perm: 0, shared: Perm.ALL };
   const { perm, shared } = filterDefaultPerms(users);
   if (!state(node)?.isCommit) return { perm, shared };
   return { perm: perm & ~Perm.CONSISTENT_READ, shared: shared | Perm.WRITE };
@@ -156,7 +162,7 @@ export async function insertMirrorTop(graph: BlockGraph, source: BlockNode, node
     ...source.openFlags,
     detectZeroes: 'off',
   });
-  filter.opaque = { child: null, hooks: null, isCommit: false } satisfies MirrorTopState;
+  filter.opaque = { child: null, hooks: null, isCommit: false, stopped: false } satisfies MirrorTopState;
   const edge = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, source);
   state(filter).child = edge;
   filter.supportedWriteFlags = Req.FUA & source.supportedWriteFlags;
@@ -180,5 +186,11 @@ export function setMirrorTopHooks(filter: BlockNode, hooks: MirrorTopHooks | nul
   s.hooks = hooks;
   if (s.isCommit || !hooks?.target || !s.child || !chainContains(s.child.node, hooks.target)) return;
   s.isCommit = true;
+  refreshPermsBelow(filter);
+}
+
+/** The job exits (QEMU's `stop`): the filter's edge takes nothing and shares everything from now on. */
+export function stopMirrorTop(filter: BlockNode): void {
+  state(filter).stopped = true;
   refreshPermsBelow(filter);
 }

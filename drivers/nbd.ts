@@ -33,6 +33,10 @@
  * all of them, and the block layer only flushes what has completed, so
  * flush goes to one connection. A server without multi-conn gets one.
  *
+ * Reopen (nbd_client_reopen_prepare): going read-write on an export the
+ * server marked read-only fails ("Can't reopen read-only NBD mount as
+ * read/write", EACCES); anything else needs nothing of the connection.
+ *
  * The node's name is nbd_refresh_filename's (`nbd://127.0.0.1:10809/exp`).
  * `qemu-img create` on an NBD URI reuses an existing export (nbd-create.ts).
  */
@@ -196,6 +200,10 @@ export const nbdDriver: BlockDriver = {
 
   async close(node) {
     await Promise.all(state(node).conns.map((c) => c.disconnect()));
+  },
+
+  async reopen(node, readOnly) {
+    if (!readOnly && state(node).client.readOnly) throw new BlockError('EACCES', "Can't reopen read-only NBD mount as read/write");
   },
 
   getLength: async (node) => state(node).client.sizeBytes,

@@ -11,8 +11,15 @@
  * whatever the outcome, or when the set-up fails (commit_clean; a failure
  * to do so is ignored, as in QEMU) — then a `commit_top` filter
  * (drivers/commit-top.ts; named `filter-node-name`, else automatically)
- * is inserted above top: the overlays of top now read through it. The job
- * holds a reading edge on top and a writing, resizing edge on base.
+ * is inserted above top: the overlays of top now read through it. The
+ * job's permissions (commit_start, jobs/block-job.ts): an 'intermediate
+ * node' edge on every node from top down to (not including) base, sharing
+ * write and write unchanged (the job's own writes to base pass through the
+ * chain above it) but not consistent read — those images stop being
+ * consistent views — except on filters right above base; a BlockBackend
+ * on base taking consistent read and write, and resize only when base is
+ * shorter than top, sharing consistent read and write unchanged; and a
+ * BlockBackend on top taking nothing and sharing everything, to read.
  *
  * Run: the base grows to top's length if it is shorter (never shrinks);
  * then chain-copy.ts's loop asks block status from top down to base for
@@ -38,15 +45,17 @@
 import { updateBackingName } from '../block/chain.js';
 import { Perm } from '../block/flags.js';
 import { truncate } from '../block/io.js';
-import { attachChild, BlockNode, ChildRole, detachChild, replaceChildNode, TransientParent, type BdrvChild } from '../block/node.js';
+import { BlockNode, ChildRole, detachChild, replaceChildNode, type BdrvChild } from '../block/node.js';
 import { blockStatusAbove } from '../block/status.js';
 import { reopenSetReadOnly } from '../block/reopen.js';
 import { insertCommitTop, removeCommitTop } from '../drivers/commit-top.js';
 import { runChainCopy } from './chain-copy.js';
 import type { Job, JobDriver, OnErrorPolicy } from './job.js';
-import { createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
+import { addIntermediateEdges, createBlockJob, jobBackend, JobEdges, type BlockJobOptions, type JobContext } from './block-job.js';
 
 export interface CommitOptions extends BlockJobOptions {
+  /** The node named as `device` (commit_start's bs, the job's main node), held by the job; default: top. */
+  device?: BlockNode;
   top: BlockNode;
   base: BlockNode;
   backingFile?: string;
@@ -64,6 +73,8 @@ interface CommitState {
   filter: BlockNode | null;
   topEdge: BdrvChild | null;
   baseEdge: BdrvChild | null;
+  /** The job's child_job edges on top..base (set once the job exists). */
+  edges: JobEdges | null;
   /** The base was read-only: it is made so again at the end (commit_clean). */
   baseWasReadOnly: boolean;
 }
@@ -71,17 +82,19 @@ interface CommitState {
 /** Creates and starts an intermediate commit job (see the note at the top). */
 export async function startCommit(ctx: JobContext, opts: CommitOptions): Promise<Job> {
   ctx.jobs.checkNewId(opts.jobId);
-  const s: CommitState = { ctx, top: opts.top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, topEdge: null, baseEdge: null, baseWasReadOnly: false };
-  const job = createBlockJob(ctx, commitDriver(s), opts, [opts.top, opts.base]);
+  const s: CommitState = { ctx, top: opts.top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, topEdge: null, baseEdge: null, edges: null, baseWasReadOnly: false };
+  const baseResize = s.base.totalBytes < s.top.totalBytes ? Perm.RESIZE : 0;
+  const job = createBlockJob(ctx, commitDriver(s), opts, [...new Set([opts.device ?? opts.top, opts.top, opts.base])]);
   try {
     if (s.base.readOnly) {
       await reopenSetReadOnly(s.base, false);
       s.baseWasReadOnly = true;
     }
     s.filter = await insertCommitTop(ctx.graph, s.top, opts.filterNodeName);
-    const parent = new TransientParent(`block job '${opts.jobId}'`);
-    s.topEdge = attachChild(parent, 'commit top', 0, s.top, Perm.CONSISTENT_READ, Perm.ALL);
-    s.baseEdge = attachChild(parent, 'commit base', 0, s.base, Perm.CONSISTENT_READ | Perm.WRITE | Perm.RESIZE, Perm.ALL);
+    s.edges = new JobEdges(job);
+    addIntermediateEdges(s.edges, s.top, s.base);
+    s.baseEdge = jobBackend(s.base, Perm.CONSISTENT_READ | Perm.WRITE | baseResize, Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED);
+    s.topEdge = jobBackend(s.top, 0, Perm.ALL);
   } catch (e) {
     await commitClean(s);
     job.earlyFail();
@@ -96,6 +109,7 @@ async function releaseEdges(s: CommitState): Promise<void> {
   if (s.topEdge) detachChild(s.topEdge);
   if (s.baseEdge) detachChild(s.baseEdge);
   s.topEdge = s.baseEdge = null;
+  s.edges?.removeAll();
   const filter = s.filter;
   s.filter = null;
   if (filter) await removeCommitTop(s.ctx.graph, filter);
@@ -141,6 +155,10 @@ function overlayEdges(node: BlockNode): BdrvChild[] {
 
 /** bdrv_drop_intermediate: overlays of top (now the filter's parents) back onto base; the filter and the committed images close. */
 async function dropIntermediate(s: CommitState): Promise<void> {
+  // commit_prepare: the base's BlockBackend goes first; the committed images drop out below.
+  if (s.baseEdge) detachChild(s.baseEdge);
+  s.baseEdge = null;
+  s.edges?.removeAll();
   const base = s.base.skipFilters();
   const name = s.backingFile ?? base.filename;
   const above = s.filter ?? s.top;

@@ -15,7 +15,13 @@
  * Set-up: a `mirror_top` filter (drivers/mirror-top.ts) is opened above the
  * source and every parent of the source (exports' BlockBackends, overlays)
  * moves onto it; the job writes the target through its own edge; an
- * anonymous dirty bitmap at `granularity` hangs off the filter. The bitmap
+ * anonymous dirty bitmap at `granularity` hangs off the filter. The job's
+ * permissions (mirror_start_job, jobs/block-job.ts): the target edge takes
+ * write (resize when shorter) and shares write unchanged only (everything
+ * but resize for active commit); its BlockBackend on the filter takes
+ * consistent read and shares no resize; a 'source' edge on the source
+ * shares the same; active commit adds 'intermediate node' edges from below
+ * the top down to the base, as intermediate commit does. The bitmap
  * is disabled for the gate: the filter's hooks (`write` below) mark it, so
  * the copy mode alone decides what a guest write does:
  *   background      the write goes to the source, then its range is dirty;
@@ -55,13 +61,15 @@
  * writer does, and holds guests for at most one buffer of copying.
  *
  * Exit (mirror_exit_common), from prepare on success or abort: hooks off,
- * bitmap released, the job's target edge dropped; on complete (not on a
- * soft cancel) the target is reopened with the read-only state of
- * `replaces` (default: the source) if it differs (block/reopen.ts), and
- * the parents of `replaces` (the source's only parent is then the filter)
- * move onto the target; the filter's parents
- * move onto the filter's child (the target after a pivot, else the
- * source) and the filter closes; the drain ends. Source and target are
+ * bitmap released, the job's target edge dropped; the filter is drained
+ * and stopped (it takes nothing of its child from now on); unless the job
+ * failed, drive-mirror's target gets its backing image (targetBacking); on complete
+ * (not on a soft cancel) the target is reopened with the read-only state
+ * of `replaces` (default: the source) if it differs (block/reopen.ts), and
+ * the parents of `replaces` (the source's only parent is then the filter;
+ * the job's own edges stay) move onto the target; the job's edges go; the
+ * filter's parents move onto the filter's child (the target after a
+ * pivot, else the source) and the filter closes; the drains end. Source and target are
  * unref'd: user-owned (blockdev-add) nodes and nodes with users stay open
  * (drive-mirror's target closes after a cancel). Active commit also rewrites
  * the backing file name in any overlay now sitting on the base.
@@ -80,21 +88,23 @@
 import { BlockError, toBlockError } from '../block/errors.js';
 import { Perm, Req, Status, alignDown, isPowerOfTwo } from '../block/flags.js';
 import { flush, pdiscard, preadv, pwriteZeroes, pwritev, truncate } from '../block/io.js';
-import { attachChild, BlockNode, detachChild, TransientParent, type BdrvChild } from '../block/node.js';
+import { BlockNode, detachChild, type BdrvChild } from '../block/node.js';
 import { createDirtyBitmap, defaultBitmapGranularity, releaseDirtyBitmap, type DirtyBitmap } from '../block/dirty-bitmap.js';
 import { drainedBegin, drainedEnd } from '../block/drain.js';
 import { blockStatusAbove } from '../block/status.js';
 import { moveParents, replaceNode } from '../block/replace.js';
-import { changeBackingFile } from '../block/chain.js';
+import { backingChainNext, changeBackingFile, openStoredBacking, setBackingNode } from '../block/chain.js';
 import { reopenSetReadOnly } from '../block/reopen.js';
 import type { BlockGraph } from '../block/graph.js';
-import { insertMirrorTop, mirrorTopChild, setMirrorTopHooks, type GuestWrite, type MirrorTopHooks } from '../drivers/mirror-top.js';
-import { checkNodesFree, claimNodes } from './block-job.js';
+import { insertMirrorTop, mirrorTopChild, setMirrorTopHooks, stopMirrorTop, type GuestWrite, type MirrorTopHooks } from '../drivers/mirror-top.js';
+import { addIntermediateEdges, checkNodesFree, claimNodes, filterOrCowNext, jobBackend, JobEdges } from './block-job.js';
 import { JobError, type Job, type JobDriver, type OnErrorPolicy } from './job.js';
 import type { JobRegistry } from './registry.js';
 import { CopyBuffers, InFlightOps } from './mirror-ops.js';
 import { dirtyInit, type DirtyInitMode } from './mirror-dirty.js';
 
+/** What the job shares on the filter and the source (mirror_start_job): no resize, the length is read once. */
+const MIRROR_JOB_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE;
 /** Largest copy op (QEMU's MAX_IO_BYTES). */
 export const IO_MAX_BYTES = 1 << 20;
 /** Copy ops in flight at once (MAX_IN_FLIGHT). */
@@ -143,6 +153,14 @@ export interface MirrorOptions {
   zeroTarget?: boolean;
   /** Discard / unmap zero areas on the target (default true). */
   unmap?: boolean;
+  /**
+   * drive-mirror (QEMU's backing_mode): the target was opened without its
+   * backing image and gets one on exit, unless the job failed — 'source':
+   * the source (sync none) or the source's backing image (sync top);
+   * 'open': the backing file its header names. Absent (blockdev-mirror):
+   * the target's chain is left as it is.
+   */
+  targetBacking?: 'source' | 'open';
   autoFinalize?: boolean;
   autoDismiss?: boolean;
 }
@@ -174,6 +192,10 @@ export class Mirror implements JobDriver, MirrorTopHooks {
   filter!: BlockNode;
   bitmap!: DirtyBitmap;
   targetEdge: BdrvChild | null = null;
+  /** The job's own BlockBackend on the filter (block_job_create's): consistent read, no resize shared. */
+  private jobEdge: BdrvChild | null = null;
+  /** The job's child_job edges: 'source', and for active commit 'intermediate node' down to the base. */
+  private edges: JobEdges | null = null;
   readonly ops: InFlightOps;
   /** Ends the job loop's current wait (waitForWork), if it is waiting. */
   private wakeLoop: (() => void) | null = null;
@@ -213,14 +235,18 @@ export class Mirror implements JobDriver, MirrorTopHooks {
     try {
       const resize = this.target.totalBytes < this.source.totalBytes ? Perm.RESIZE : 0;
       // QEMU's mirror writes through a BlockBackend of its own: "an unnamed block device" as 'root'.
-      const jobParent = new TransientParent('an unnamed block device');
-      this.targetEdge = attachChild(jobParent, 'root', 0, this.target, Perm.WRITE | resize, this.kind.targetShared);
+      this.targetEdge = jobBackend(this.target, Perm.WRITE | resize, this.kind.targetShared);
       this.bitmap = createDirtyBitmap(this.filter, this.granularityBytes, null);
       this.bitmap.disabled = true;
       setMirrorTopHooks(this.filter, this);
       await replaceNode(this.source, this.filter);
+      this.jobEdge = jobBackend(this.filter, Perm.CONSISTENT_READ, MIRROR_JOB_SHARED);
+      this.edges = new JobEdges(job);
+      this.edges.add('source', this.source, MIRROR_JOB_SHARED);
+      const below = filterOrCowNext(this.source);
+      if (this.kind.type === 'commit' && below) addIntermediateEdges(this.edges, below, this.target);
     } catch (e) {
-      await this.exit(false);
+      await this.exit(false, true);
       throw e;
     }
   }
@@ -494,39 +520,31 @@ export class Mirror implements JobDriver, MirrorTopHooks {
   // ------------------------------------------------------------ exit
 
   async prepare(): Promise<void> {
-    await this.exit(this.shouldComplete);
+    await this.exit(this.shouldComplete, false);
   }
 
   async abort(): Promise<void> {
-    await this.exit(false);
+    await this.exit(false, true);
   }
 
   /** mirror_exit_common (see the note at the top). */
-  private async exit(pivot: boolean): Promise<void> {
+  private async exit(pivot: boolean, failed: boolean): Promise<void> {
     if (this.exited) return;
     this.exited = true;
     setMirrorTopHooks(this.filter, null);
     if (this.bitmap) releaseDirtyBitmap(this.filter, this.bitmap);
     if (this.targetEdge) detachChild(this.targetEdge);
     this.targetEdge = null;
-    await drainedBegin(this.target);
+    // The filter stops passing its users' permissions on, and stays drained until it is gone.
+    await drainedBegin(this.filter);
     let moved: BdrvChild[] = [];
+    let backingFailure: unknown = null;
     try {
-      if (pivot) {
-        const replaced = this.opts.replaces ?? this.source;
-        // The target takes the replaced node's read-only state; a failure is ignored, as QEMU's.
-        if (replaced.readOnly !== this.target.readOnly) await reopenSetReadOnly(this.target, replaced.readOnly).catch(() => undefined);
-        moved = moveParents(replaced, this.target);
-      }
-      const below = mirrorTopChild(this.filter).node;
-      await drainedBegin(this.filter);
-      try {
-        moved = moved.concat(moveParents(this.filter, below));
-      } finally {
-        drainedEnd(this.filter);
-      }
+      stopMirrorTop(this.filter);
+      if (!failed) backingFailure = await this.attachTargetBacking().then(() => null, (e: unknown) => e);
+      moved = await this.pivotAndRemoveFilter(pivot);
     } finally {
-      drainedEnd(this.target);
+      drainedEnd(this.filter);
       if (this.drainHeld) this.job.ownDrainEnd(() => drainedEnd(this.source));
       this.drainHeld = false;
     }
@@ -534,6 +552,38 @@ export class Mirror implements JobDriver, MirrorTopHooks {
     await this.rewriteBackingNames(moved);
     await this.graph.unref(this.source);
     await this.graph.unref(this.target);
+    if (backingFailure) throw backingFailure;
+  }
+
+  /** drive-mirror's target gets its backing image (MirrorOptions.targetBacking); a failure fails the job after the exit. */
+  private async attachTargetBacking(): Promise<void> {
+    const image = this.target.skipFilters();
+    if (this.opts.targetBacking === 'open') {
+      await openStoredBacking(this.graph, image);
+    } else if (this.opts.targetBacking === 'source') {
+      await setBackingNode(this.graph, image, this.opts.sync === 'none' ? this.source : backingChainNext(this.source));
+    }
+  }
+
+  /** The pivot (on complete), then the filter's users onto its child; returns the edges moved. */
+  private async pivotAndRemoveFilter(pivot: boolean): Promise<BdrvChild[]> {
+    let moved: BdrvChild[] = [];
+    if (pivot) {
+      const replaced = this.opts.replaces ?? this.source;
+      // The target takes the replaced node's read-only state; a failure is ignored, as QEMU's.
+      if (replaced.readOnly !== this.target.readOnly) await reopenSetReadOnly(this.target, replaced.readOnly).catch(() => undefined);
+      await drainedBegin(this.target);
+      try {
+        moved = moveParents(replaced, this.target, this.edges?.all ?? []);
+      } finally {
+        drainedEnd(this.target);
+      }
+    }
+    // block_job_remove_all_bdrv, and the job's BlockBackend lets go, before the filter goes.
+    this.edges?.removeAll();
+    if (this.jobEdge) detachChild(this.jobEdge);
+    this.jobEdge = null;
+    return moved.concat(moveParents(this.filter, mirrorTopChild(this.filter).node));
   }
 
   /** Active commit: overlays now backed by the base name it in their header. */

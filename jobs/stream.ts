@@ -5,19 +5,26 @@
  *
  * Set-up (startStream, in stream_start's order): the caller has resolved
  * the device and the base (null: the whole chain, so the device ends with
- * no backing image). A read-only device image is made writable in place
- * (block/reopen.ts, as stream_start's bdrv_reopen_set_read_only) and
- * read-only again when the job ends, whatever the outcome (stream_clean;
- * a failure to do so is ignored, as in QEMU), or when the set-up fails. A
- * copy-on-read filter (drivers/copy-on-read.ts) is inserted above the
- * device — named `filter-node-name`, else automatically (`#blockNNN`, as
- * QEMU's implicit filter) — with `bottom` the lowest image streamed from
- * (the base's overlay), and every user of the device (exports, parents)
- * moves onto it, so their reads copy too. Then the job is created (an
- * error there takes the filter out again). The job reads through the
- * filter (consistent read, sharing what QEMU's job shares: consistent
- * read, write, write unchanged; not resize, since the length is read once)
- * and holds a blocker edge on the device image sharing the same.
+ * no backing image). No node from the device down to the base may be busy
+ * with another job (qmp_block_stream's op blocker check). A read-only
+ * device is made writable in place (block/reopen.ts, as stream_start's
+ * bdrv_reopen_set_read_only on the node the user named — a filter, when
+ * the device is one) and read-only again when the job ends, whatever the
+ * outcome (stream_clean; a failure to do so is ignored, as in QEMU), or
+ * when the set-up fails. A copy-on-read filter (drivers/copy-on-read.ts) is
+ * inserted above the device — named `filter-node-name`, else automatically
+ * (`#blockNNN`, as QEMU's implicit filter) — with `bottom` the lowest image
+ * streamed from (the base's overlay), and every user of the device
+ * (exports, parents) moves onto it, so their reads copy too. Then the job
+ * is created (an error there takes the filter out again). Its permissions
+ * (jobs/block-job.ts): its BlockBackend reads through the filter
+ * (consistent read, sharing consistent read, write and write unchanged;
+ * not resize, since the length is read once); an 'active node' edge on the
+ * device shares the same; an 'intermediate node' edge on every node below
+ * the device down to the base shares only consistent read and write
+ * unchanged, so nobody writes or resizes what is being streamed away.
+ * The images the job works on are the device's first non-filter node
+ * (`top`, QEMU's bdrv_skip_filters) and its backing chain.
  *
  * Run: chain-copy.ts's loop. A stretch the device allocates itself is
  * skipped; otherwise block status of the backing chain down to (not
@@ -44,16 +51,18 @@
 import { backingChainNext, changeBackingFile } from '../block/chain.js';
 import { Perm, Req } from '../block/flags.js';
 import type { BlockGraph } from '../block/graph.js';
-import { attachChild, detachChild, replaceChildNode, TransientParent, type BdrvChild, type BlockNode } from '../block/node.js';
+import { detachChild, replaceChildNode, type BdrvChild, type BlockNode } from '../block/node.js';
 import { reopenSetReadOnly } from '../block/reopen.js';
 import { blockStatusAbove, isAllocated } from '../block/status.js';
 import { dropCopyOnRead, insertCopyOnRead } from '../drivers/copy-on-read.js';
 import { runChainCopy } from './chain-copy.js';
-import { checkNodesFree, createBlockJob, type BlockJobOptions, type JobContext } from './block-job.js';
+import { checkNodesFree, createBlockJob, filterOrCowNext, jobBackend, JobEdges, type BlockJobOptions, type JobContext } from './block-job.js';
 import type { Job, JobDriver, OnErrorPolicy } from './job.js';
 
-/** What the job shares with other users of the device (QEMU's basic flags | WRITE). */
-const STREAM_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED | Perm.WRITE;
+/** What the job shares on the nodes it streams from (QEMU's basic_flags). */
+const STREAM_BASIC = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED;
+/** What the job shares with other users of the device (basic_flags | WRITE). */
+const STREAM_SHARED = STREAM_BASIC | Perm.WRITE;
 
 export interface StreamOptions extends BlockJobOptions {
   device: BlockNode;
@@ -68,17 +77,20 @@ export interface StreamOptions extends BlockJobOptions {
 
 interface StreamState {
   graph: BlockGraph;
+  /** The node the user named (QEMU's bs): reopened, filtered, held as 'active node'. */
+  device: BlockNode;
+  /** Its first non-filter node: the image streamed into. */
   top: BlockNode;
   base: BlockNode | null;
   backingFile: string | undefined;
   onError: OnErrorPolicy;
   filter: BlockNode | null;
-  /** The job's reading edge on the filter. */
+  /** The job's reading edge on the filter (its BlockBackend). */
   readEdge: BdrvChild | null;
-  /** The job's blocker edge on the device image (block_job_add_bdrv "active node"). */
-  topEdge: BdrvChild | null;
-  /** The device image was read-only: it is made so again at the end (stream_clean). */
-  topWasReadOnly: boolean;
+  /** The job's child_job edges: 'active node', 'intermediate node' (set once the job exists). */
+  edges: JobEdges | null;
+  /** The device was read-only: it is made so again at the end (stream_clean). */
+  deviceWasReadOnly: boolean;
 }
 
 /** The lowest image above `base` in the chain below `top` (bdrv_find_overlay); `top` when base is its backing. */
@@ -88,26 +100,35 @@ function baseOverlay(top: BlockNode, base: BlockNode | null): BlockNode {
   return overlay;
 }
 
+/** The nodes from `device` down to (not including) `base`, through filters and backing images. */
+function chainDownTo(device: BlockNode, base: BlockNode | null): BlockNode[] {
+  const nodes: BlockNode[] = [];
+  for (let n: BlockNode | null = device; n && n !== base; n = filterOrCowNext(n)) nodes.push(n);
+  return nodes;
+}
+
 /** Creates and starts a stream job (see the note at the top). */
 export async function startStream(ctx: JobContext, opts: StreamOptions): Promise<Job> {
-  checkNodesFree([opts.device]);
-  const top = opts.device.skipFilters();
-  const s: StreamState = { graph: ctx.graph, top, base: opts.base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, readEdge: null, topEdge: null, topWasReadOnly: top.readOnly };
-  if (s.topWasReadOnly) await reopenSetReadOnly(top, false);
+  const { device, base } = opts;
+  checkNodesFree(chainDownTo(device, base));
+  const top = device.skipFilters();
+  const s: StreamState = { graph: ctx.graph, device, top, base, backingFile: opts.backingFile, onError: opts.onError ?? 'report', filter: null, readEdge: null, edges: null, deviceWasReadOnly: device.readOnly };
+  if (s.deviceWasReadOnly) await reopenSetReadOnly(device, false);
   let job: Job;
   try {
-    const filter = await insertCopyOnRead(ctx.graph, opts.device, baseOverlay(top, opts.base), opts.filterNodeName);
+    const filter = await insertCopyOnRead(ctx.graph, device, baseOverlay(top, base), opts.filterNodeName);
     s.filter = filter;
     ctx.jobs.checkNewId(opts.jobId);
-    job = createBlockJob(ctx, streamDriver(s), opts, [filter, opts.device, top]);
+    job = createBlockJob(ctx, streamDriver(s), opts, [filter]);
   } catch (e) {
     await streamClean(s);
     throw e;
   }
   try {
-    const parent = new TransientParent(`block job '${opts.jobId}'`);
-    s.readEdge = attachChild(parent, 'stream', 0, s.filter!, Perm.CONSISTENT_READ, STREAM_SHARED);
-    s.topEdge = attachChild(parent, 'active node', 0, top, 0, STREAM_SHARED);
+    s.readEdge = jobBackend(s.filter!, Perm.CONSISTENT_READ, STREAM_SHARED);
+    s.edges = new JobEdges(job);
+    s.edges.add('active node', device, STREAM_SHARED);
+    for (const node of chainDownTo(device, base).slice(1)) s.edges.add('intermediate node', node, STREAM_BASIC);
   } catch (e) {
     await streamClean(s);
     job.earlyFail();
@@ -123,14 +144,20 @@ async function dropFilter(s: StreamState): Promise<void> {
   if (filter) await dropCopyOnRead(s.graph, filter);
 }
 
+/** The job's BlockBackend and child_job edges go. */
+function dropEdges(s: StreamState): void {
+  if (s.readEdge) detachChild(s.readEdge);
+  s.readEdge = null;
+  s.edges?.removeAll();
+}
+
 /** stream_clean: the job's edges go, the filter if prepare did not take it out, then a read-only device is so again. */
 async function streamClean(s: StreamState): Promise<void> {
-  for (const edge of [s.readEdge, s.topEdge]) if (edge) detachChild(edge);
-  s.readEdge = s.topEdge = null;
+  dropEdges(s);
   await dropFilter(s);
-  if (!s.topWasReadOnly) return;
-  s.topWasReadOnly = false;
-  await reopenSetReadOnly(s.top, true).catch(() => undefined);
+  if (!s.deviceWasReadOnly) return;
+  s.deviceWasReadOnly = false;
+  await reopenSetReadOnly(s.device, true).catch(() => undefined);
 }
 
 function streamDriver(s: StreamState): JobDriver {
@@ -165,8 +192,8 @@ async function streamRun(job: Job, s: StreamState): Promise<void> {
 
 /** stream_prepare: the filter goes, then rewire the backing edge, rewrite the header, close what dropped out. */
 async function streamPrepare(s: StreamState): Promise<void> {
-  if (s.readEdge) detachChild(s.readEdge);
-  s.readEdge = null;
+  // The intermediate images drop out below: nothing of the job may keep them.
+  dropEdges(s);
   await dropFilter(s);
   const backing = s.top.cowChild;
   if (!backing) return;

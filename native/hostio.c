@@ -37,6 +37,25 @@
  *     FS_IOC_FSSETXATTR with FS_XFLAG_EXTSIZE and fsx_extsize = hintBytes
  *     (hintBytes at most 2^32 - 1; XFS honours it).
  *   The three ioctl calls are synchronous: they touch one inode's metadata.
+ *   - lockKind() -> 'ofd' | 'posix': which byte-range locks fcntl gives,
+ *     probed once as QEMU's qemu_probe_lock_ops does (F_OFD_GETLK on
+ *     /dev/null; EINVAL means the kernel predates OFD locks, and so does a
+ *     build without F_OFD_SETLK). OFD locks belong to the open file
+ *     description: two opens of one file conflict even in one process, and
+ *     they go when the description is closed. POSIX locks belong to the
+ *     process and go when any of its descriptors of the file is closed.
+ *   - lockBytes(fd, offset, length): a shared (F_RDLCK) lock on the range,
+ *     F_OFD_SETLK (else F_SETLK), retried on EINTR; never waits. Shared
+ *     locks only conflict with exclusive ones, which QEMU's image locking
+ *     never takes, so this fails only where the file system cannot lock
+ *     (ENOLCK, ENOTSUP).
+ *   - unlockBytes(fd, offset, length): F_UNLCK on the range.
+ *   - lockConflict(fd, offset, length) -> boolean: F_OFD_GETLK (else
+ *     F_GETLK) asking for an exclusive lock: true when another open file
+ *     description (another process, for POSIX locks) holds any lock on the
+ *     range (QEMU's qemu_lock_fd_test).
+ *   The lock calls are synchronous: fcntl with F_*SETLK never blocks, and
+ *   the block layer's permission refresh that calls them is synchronous.
  *
  * Errors: a JS Error whose `.code` is the errno name and `.syscall` the call.
  * As in QEMU's do_fallocate, fallocate's "this file cannot do that" errnos
@@ -129,7 +148,7 @@ static const errno_name_t ERRNO_NAMES[] = {
     {ENOSPC, "ENOSPC"}, {ESPIPE, "ESPIPE"},   {EROFS, "EROFS"},
     {ENOSYS, "ENOSYS"}, {EOVERFLOW, "EOVERFLOW"},
     {ENOTSUP, "ENOTSUP"}, {EOPNOTSUPP, "ENOTSUP"}, {EDQUOT, "EDQUOT"},
-    {ECANCELED, "ECANCELED"},
+    {ECANCELED, "ECANCELED"}, {ENOLCK, "ENOLCK"},
 };
 
 static const char *errno_name(int err) {
@@ -521,6 +540,93 @@ static napi_value set_extent_size_hint(napi_env env, napi_callback_info info) {
   return NULL; /* undefined */
 }
 
+/* ---- lockKind / lockBytes / unlockBytes / lockConflict (fcntl) ---------- */
+
+#if defined(F_OFD_SETLK) && defined(F_OFD_GETLK)
+#define HOSTIO_HAVE_OFD_LOCKS 1
+#else
+#define HOSTIO_HAVE_OFD_LOCKS 0
+#define F_OFD_SETLK F_SETLK
+#define F_OFD_GETLK F_GETLK
+#endif
+
+/* -1 until probed, then 1 for OFD locks, 0 for POSIX locks. */
+static int ofd_locks_probed = -1;
+
+/* qemu_probe_lock_ops: only EINVAL from F_OFD_GETLK says "no OFD locks". */
+static int have_ofd_locks(void) {
+  if (ofd_locks_probed >= 0) return ofd_locks_probed;
+  ofd_locks_probed = HOSTIO_HAVE_OFD_LOCKS;
+  if (HOSTIO_HAVE_OFD_LOCKS) {
+    int fd = open("/dev/null", O_RDWR);
+    if (fd >= 0) {
+      struct flock fl;
+      memset(&fl, 0, sizeof(fl));
+      fl.l_whence = SEEK_SET;
+      fl.l_type = F_WRLCK;
+      if (fcntl(fd, F_OFD_GETLK, &fl) < 0 && errno == EINVAL) {
+        ofd_locks_probed = 0;
+      }
+      close(fd);
+    }
+  }
+  return ofd_locks_probed;
+}
+
+static napi_value lock_kind(napi_env env, napi_callback_info info) {
+  napi_value result;
+  (void)info;
+  napi_create_string_utf8(env, have_ofd_locks() ? "ofd" : "posix",
+                          NAPI_AUTO_LENGTH, &result);
+  return result;
+}
+
+/* Parses (fd, offset, length) into `fd` and a whole-range lock of `type`. */
+static int get_lock_range(napi_env env, napi_callback_info info, short type,
+                          int *fd, struct flock *fl) {
+  off_t offset_bytes, length_bytes;
+  if (!get_range(env, info, fd, &offset_bytes, &length_bytes)) return 0;
+  memset(fl, 0, sizeof(*fl));
+  fl->l_whence = SEEK_SET;
+  fl->l_start = offset_bytes;
+  fl->l_len = length_bytes;
+  fl->l_type = type;
+  return 1;
+}
+
+/* Sets (F_RDLCK) or clears (F_UNLCK) the lock on (fd, offset, length). */
+static napi_value set_lock(napi_env env, napi_callback_info info, short type) {
+  int fd, rc;
+  struct flock fl;
+  if (!get_lock_range(env, info, type, &fd, &fl)) return NULL;
+  int op = have_ofd_locks() ? F_OFD_SETLK : F_SETLK;
+  do {
+    rc = fcntl(fd, op, &fl);
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) return throw_errno(env, errno, "fcntl(F_SETLK)");
+  return NULL; /* undefined */
+}
+
+static napi_value lock_bytes(napi_env env, napi_callback_info info) {
+  return set_lock(env, info, F_RDLCK);
+}
+
+static napi_value unlock_bytes(napi_env env, napi_callback_info info) {
+  return set_lock(env, info, F_UNLCK);
+}
+
+/* Asks for an exclusive lock: any lock held elsewhere on the range answers. */
+static napi_value lock_conflict(napi_env env, napi_callback_info info) {
+  int fd;
+  struct flock fl;
+  napi_value result;
+  if (!get_lock_range(env, info, F_WRLCK, &fd, &fl)) return NULL;
+  int op = have_ofd_locks() ? F_OFD_GETLK : F_GETLK;
+  if (fcntl(fd, op, &fl) < 0) return throw_errno(env, errno, "fcntl(F_GETLK)");
+  napi_get_boolean(env, fl.l_type != F_UNLCK, &result);
+  return result;
+}
+
 /* ---- module ------------------------------------------------------------- */
 
 NAPI_MODULE_INIT() {
@@ -539,6 +645,12 @@ NAPI_MODULE_INIT() {
       {"setNocow", NULL, set_nocow, NULL, NULL, NULL, napi_enumerable, NULL},
       {"setExtentSizeHint", NULL, set_extent_size_hint, NULL, NULL, NULL,
        napi_enumerable, NULL},
+      {"lockKind", NULL, lock_kind, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"lockBytes", NULL, lock_bytes, NULL, NULL, NULL, napi_enumerable, NULL},
+      {"unlockBytes", NULL, unlock_bytes, NULL, NULL, NULL, napi_enumerable,
+       NULL},
+      {"lockConflict", NULL, lock_conflict, NULL, NULL, NULL, napi_enumerable,
+       NULL},
   };
   size_t count = sizeof(functions) / sizeof(functions[0]);
   if (napi_define_properties(env, exports, count, functions) != napi_ok) {

@@ -11,6 +11,7 @@
  * (qmp/dispatch.ts) registers them by name.
  */
 import type { z } from 'zod';
+import { BlockNode } from '../block/node.js';
 
 /** QMP error classes (QAPI's QapiErrorClass). */
 export type QmpErrorClass =
@@ -33,6 +34,18 @@ export class QmpError extends Error {
 /** Shorthand for the common case. */
 export function genericError(desc: string): QmpError {
   return new QmpError('GenericError', desc);
+}
+
+/**
+ * qmp_get_root_bs's check: `bs` has only BlockBackends (exports) as users —
+ * no parent node (a job's filter included) and no job holding it (QEMU's
+ * child_job edges) — else "Need a root block node".
+ */
+export function requireRootNode(bs: BlockNode): BlockNode {
+  if (bs.parents.some((e) => e.parent instanceof BlockNode) || bs.holders.length > 0) {
+    throw genericError('Need a root block node');
+  }
+  return bs;
 }
 
 export interface QmpCommand<Ctx, S extends z.ZodType = z.ZodType> {

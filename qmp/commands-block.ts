@@ -23,7 +23,8 @@ import { z } from 'zod';
 import type { BlockGraph } from '../block/graph.js';
 import { queryImageInfo, type ImageInfo } from '../block/info.js';
 import type { OptionTree } from '../block/keyval.js';
-import type { BlockNode } from '../block/node.js';
+import { BlockNode } from '../block/node.js';
+import { opBlockedError } from '../block/op-blockers.js';
 import { baseOptionsSchema, qapiJsonType } from '../block/options.js';
 import { defineCommand, genericError, type QmpCommand } from './command.js';
 import type { Daemon } from './daemon.js';
@@ -116,12 +117,19 @@ function namedNodesInOrder(d: Daemon): BlockNode[] {
   return [...d.graph.nodes.values()].sort((a, b) => seq(b) - seq(a));
 }
 
-/** qmp_blockdev_del's checks, in its order. */
+/**
+ * qmp_blockdev_del's checks, in its order: a BlockBackend (an export, a
+ * job's own) uses it; a job holds it (op blockers); the monitor did not add
+ * it; another node or a job edge still refers to it (QEMU's refcount).
+ */
 async function blockdevDel(d: Daemon, nodeName: string): Promise<void> {
   const node = d.graph.nodes.get(nodeName);
   if (!node) throw genericError(`Failed to find node with node-name='${nodeName}'`);
+  if (node.parents.some((e) => !(e.parent instanceof BlockNode) && !e.parent.isJob)) throw genericError(`Node ${nodeName} is in use`);
+  const blocked = opBlockedError(node);
+  if (blocked) throw genericError(blocked.message);
   if (!node.userOwned) throw genericError(`Node ${nodeName} is not owned by the monitor`);
-  if (node.parents.length > 0) throw genericError(`Node ${nodeName} is in use`);
+  if (node.parents.length > 0) throw genericError(`Block device ${nodeName} is in use`);
   node.userOwned = false;
   await d.graph.closeNode(node);
 }

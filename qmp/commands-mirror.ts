@@ -22,8 +22,12 @@
  * source's backing image (sync top) or by the source itself (sync none).
  * With mode existing the file is opened as it is (format probed unless
  * given). The target is opened with `node-name` when given; `replaces`
- * requires it. The job holds the target; once the job is gone nothing
- * else does and it closes, unless the pivot made it the users' node.
+ * requires it. It is opened without its backing image (BDRV_O_NO_BACKING:
+ * the source's own file may be that image, and opening it twice would
+ * fail on the source's locks); the job attaches it when it ends without
+ * error — the source or its backing image (absolute-paths), the file the
+ * header names (existing). The job holds the target; once the job is gone
+ * nothing else does and it closes, unless the pivot made it the users' node.
  *
  * zero_target (jobs/mirror.ts zeroTarget): blockdev-mirror sets it for
  * sync full as asked (a top without backing, run as full, does not);
@@ -40,7 +44,7 @@ import { BlockNode } from '../block/node.js';
 import type { BlockGraph } from '../block/graph.js';
 import { startMirror, type CopyMode, type MirrorSync } from '../jobs/mirror.js';
 import type { JobRegistry } from '../jobs/registry.js';
-import { defineCommand, genericError, type QmpCommand } from './command.js';
+import { defineCommand, genericError, requireRootNode, type QmpCommand } from './command.js';
 import { asQmp, zJobCommon, zOnError } from './commands-stream-commit.js';
 
 export interface MirrorCommandContext {
@@ -74,7 +78,7 @@ const driveMirrorArgs = z.strictObject({
   unmap: z.boolean().optional(),
 });
 
-type CommonArgs = z.infer<typeof blockdevMirrorArgs> & { unmap?: boolean; zeroTarget: boolean };
+type CommonArgs = z.infer<typeof blockdevMirrorArgs> & { unmap?: boolean; zeroTarget: boolean; targetBacking?: 'source' | 'open' };
 
 /** blockdev_mirror_common's checks, then the job. */
 async function startCheckedMirror(ctx: MirrorCommandContext, a: CommonArgs, source: BlockNode, target: BlockNode): Promise<void> {
@@ -96,21 +100,15 @@ async function startCheckedMirror(ctx: MirrorCommandContext, a: CommonArgs, sour
     copyMode: a['copy-mode'] as CopyMode | undefined,
     unmap: a.unmap,
     zeroTarget: a.zeroTarget,
+    targetBacking: a.targetBacking,
     autoFinalize: a['auto-finalize'],
     autoDismiss: a['auto-dismiss'],
   });
 }
 
-/**
- * qmp_get_root_bs: a node whose only users are BlockBackends (exports) —
- * no parent node (a filter of a job included) and no job holding it.
- */
+/** qmp_get_root_bs. */
 function rootNode(ctx: MirrorCommandContext, name: string): BlockNode {
-  const bs = ctx.graph.node(name);
-  if (bs.parents.some((e) => e.parent instanceof BlockNode) || bs.holders.length > 0) {
-    throw genericError('Need a root block node');
-  }
-  return bs;
+  return requireRootNode(ctx.graph.node(name));
 }
 
 /** drive-mirror's image creation and open (see the note at the top). */
@@ -136,7 +134,8 @@ async function driveMirrorTarget(ctx: MirrorCommandContext, a: z.infer<typeof dr
     });
   }
   const options = a['node-name'] === undefined ? undefined : { 'node-name': a['node-name'] };
-  return ctx.graph.openImage(a.target, { format, options });
+  // Without its backing (BDRV_O_NO_BACKING): the job attaches it on exit (MirrorOptions.targetBacking).
+  return ctx.graph.openImage(a.target, { format, options, noBacking: true });
 }
 
 export const mirrorCommands: QmpCommand<MirrorCommandContext>[] = [
@@ -161,7 +160,8 @@ export const mirrorCommands: QmpCommand<MirrorCommandContext>[] = [
         try {
           const sync = a.sync === 'top' && !backingChainNext(bs) ? 'full' : a.sync;
           const zeroTarget = sync === 'full' && (a.mode === 'existing' || !target.driver.hasZeroInit(target));
-          await startCheckedMirror(ctx, { ...a, sync, zeroTarget }, bs, target);
+          const targetBacking = a.mode === 'existing' ? 'open' : 'source';
+          await startCheckedMirror(ctx, { ...a, sync, zeroTarget, targetBacking }, bs, target);
         } catch (e) {
           await ctx.graph.unref(target);
           throw e;

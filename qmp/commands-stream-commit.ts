@@ -26,7 +26,7 @@ import { startActiveCommit } from '../jobs/mirror.js';
 import { JobError } from '../jobs/job.js';
 import type { JobContext } from '../jobs/block-job.js';
 import { startStream } from '../jobs/stream.js';
-import { QmpError, defineCommand, genericError, type QmpCommand } from './command.js';
+import { QmpError, defineCommand, genericError, requireRootNode, type QmpCommand } from './command.js';
 
 export type StreamCommitContext = JobContext;
 
@@ -179,10 +179,10 @@ export const streamCommitCommands: QmpCommand<StreamCommitContext>[] = [
       asQmp(async () => {
         const device = ctx.graph.nodes.get(a.device);
         if (!device) throw new QmpError('DeviceNotFound', `Device '${a.device}' not found`);
-        const bs = device.skipFilters();
+        const bs = requireRootNode(device).skipFilters();
         const { top, base } = commitTopBase(ctx, bs, a);
         if (top === bs) return activeCommit(ctx, a, top, base);
-        await startCommit(ctx, { ...commonJobOptions(a), top, base, backingFile: a['backing-file'], onError: a['on-error'], filterNodeName: a['filter-node-name'] });
+        await startCommit(ctx, { ...commonJobOptions(a), device, top, base, backingFile: a['backing-file'], onError: a['on-error'], filterNodeName: a['filter-node-name'] });
         return {};
       }),
   }),

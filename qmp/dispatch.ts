@@ -110,8 +110,19 @@ export function errorResponse(errorClass: QmpErrorClass, desc: string): QmpRespo
   return { error: { class: errorClass, desc } };
 }
 
+/**
+ * A block error's text as QMP gives it: its first line. Further lines are
+ * QEMU's hints (error_append_hint: "Is another process using the image
+ * [F]?", "Try cache.direct=off"), which the tools print and QMP leaves out.
+ */
+function qmpDesc(e: BlockError): string {
+  const newline = e.message.indexOf('\n');
+  return newline < 0 ? e.message : e.message.slice(0, newline);
+}
+
 function errorOf(e: unknown): QmpResponse {
   if (e instanceof QmpError) return errorResponse(e.errorClass, e.message);
-  if (e instanceof BlockError || e instanceof QapiInputError) return errorResponse('GenericError', e.message);
+  if (e instanceof BlockError) return errorResponse('GenericError', qmpDesc(e));
+  if (e instanceof QapiInputError) return errorResponse('GenericError', e.message);
   return errorResponse('GenericError', e instanceof Error ? e.message : String(e));
 }

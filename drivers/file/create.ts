@@ -14,9 +14,13 @@
  * QEMU prints it as `qemu-img: warning: …`), and the file grows to its size
  * with the preallocation (resize.ts).
  *
- * Left out: QEMU's byte-range locks around create (nothing here locks files)
- * and stripping a `file:` prefix from the name (the graph passes names on
- * as given, for open as for create).
+ * Before the file is emptied it is locked as raw_co_create locks it (write
+ * and resize held, resize not shared; lock.ts), so an image another process
+ * (ours or QEMU's) has open is refused ("Failed to get "write" lock" and
+ * QEMU's hint) rather than destroyed; the locks go before the file closes.
+ *
+ * Left out: stripping a `file:` prefix from the name (the graph passes
+ * names on as given, for open as for create).
  */
 import fs from 'node:fs';
 import { BlockError, toBlockError } from '../../block/errors.js';
@@ -25,6 +29,7 @@ import type { CreateContext, CreateOptDesc, CreateRequest } from '../../block/dr
 import { SECTOR_BYTES } from '../../block/io.js';
 import { parseWith, zBool, zSize } from '../../block/options.js';
 import { EXTENT_SIZE_HINT_MAX_BYTES, loadHostIo } from './host-io.js';
+import { lockForCreate, unlockAfterCreate } from './lock.js';
 import { resizeFile } from './resize.js';
 
 /** `file:x` names the host file `x` (QEMU strips the protocol prefix). */
@@ -74,11 +79,18 @@ function parseCreateOptions(opts: Map<string, string>): FileCreateOptions {
 export async function createFile(ctx: CreateContext, request: CreateRequest): Promise<void> {
   const options = parseCreateOptions(request.opts);
   const host = loadHostIo();
+  const filename = stripFilePrefix(request.filename);
   let fh: fs.promises.FileHandle;
   try {
-    fh = await fs.promises.open(stripFilePrefix(request.filename), fs.constants.O_RDWR | fs.constants.O_CREAT, NEW_FILE_MODE);
+    fh = await fs.promises.open(filename, fs.constants.O_RDWR | fs.constants.O_CREAT, NEW_FILE_MODE);
   } catch (e) {
-    throw toBlockError(e, `Could not create '${stripFilePrefix(request.filename)}'`);
+    throw toBlockError(e, `Could not create '${filename}'`);
+  }
+  try {
+    lockForCreate(host, fh.fd, filename);
+  } catch (e) {
+    await fh.close();
+    throw e;
   }
   let failed = true;
   try {
@@ -100,6 +112,7 @@ export async function createFile(ctx: CreateContext, request: CreateRequest): Pr
     await resizeFile({ fh, direct: null, syncIo: false }, host, options.sizeBytes, options.prealloc);
     failed = false;
   } finally {
+    unlockAfterCreate(host, fh.fd);
     await fh.close().catch((e: unknown) => {
       if (!failed) throw toBlockError(e, 'Could not close the new file');
     });

@@ -27,16 +27,32 @@
  * "'file' driver requires '<name>' to be a regular file" (QEMU 7.2 wants the
  * host_device driver for block devices; this tree has none, so `file` takes
  * them). Create and resize live in create.ts and resize.ts.
+ *
+ * Image locking (lock.ts): with `locking` on (auto: where the host has OFD
+ * locks) the node locks QEMU's bytes for its cumulative parent permissions
+ * whenever the block layer refreshes them (checkPerm/setPerm/abortPerm),
+ * so our tools and QEMU's refuse to open an image the other is writing.
+ *
+ * The rest of file-posix's options (options.ts) are accepted and checked as
+ * QEMU 7.2 does; none changes how this driver does I/O, since every request
+ * goes through Node's thread pool (QEMU's aio=threads) or runs inline:
+ * aio=native needs cache.direct=on, aio=io_uring is taken as Debian's
+ * build takes it, aio-max-batch only batches native/io_uring submissions,
+ * drop-cache and x-check-cache-dropped act only on incoming migration
+ * (bdrv_activate), which nothing here does, and pr-manager must name a
+ * pr-manager-helper object, used only for SCSI reservations.
  */
 import fs from 'node:fs';
-import { z } from 'zod';
 import { BlockError, toBlockError } from '../../block/errors.js';
 import { Req, Status, type Prealloc } from '../../block/flags.js';
-import type { BlockDriver } from '../../block/driver.js';
+import type { BlockDriver, OpenContext } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
+import type { BlockGraph } from '../../block/graph.js';
 import { createFile, FILE_CREATE_OPTS, stripFilePrefix } from './create.js';
 import { DirectIo, preadHost, probeRequestAlignment, pwriteHost, WriteLane, type HostFile } from './direct-io.js';
 import { loadHostIo, type HostIo } from './host-io.js';
+import { FileLocks, lockingEnabled } from './lock.js';
+import { fileOptionsQapiProblem, fileOptionsSchema, type FileOptions } from './options.js';
 import { resizeFile } from './resize.js';
 
 interface FileState extends HostFile {
@@ -54,13 +70,13 @@ interface FileState extends HostFile {
    * answer (reads then read the zeroes).
    */
   dataCache: { start: number; end: number } | null;
+  /** The image locks of this descriptor (lock.ts). */
+  locks: FileLocks;
+  /** The options as given (checked); kept for what QEMU keeps them for (see the note at the top). */
+  options: FileOptions;
 }
 
 const state = (node: BlockNode) => node.opaque as FileState;
-
-const optionsSchema = z.object({
-  filename: z.string({ error: "The 'file' block driver requires a file name" }),
-});
 
 /** statfs f_type of file systems whose pages live in memory: tmpfs, ramfs. */
 const MEMORY_FS_TYPES: ReadonlySet<number> = new Set([0x01021994, 0x858458f6]);
@@ -123,14 +139,36 @@ async function setUpDirectIo(node: BlockNode, fh: fs.promises.FileHandle, host: 
   return new DirectIo(host, alignBytes);
 }
 
-async function open(node: BlockNode, options: Record<string, unknown>): Promise<void> {
-  const filename = stripFilePrefix((options as z.output<typeof optionsSchema>).filename);
+/** raw_open_common's option checks before the file opens: locking and pr-manager (QEMU's order). */
+function checkOptions(options: FileOptions, host: HostIo, graph: BlockGraph): boolean {
+  const locking = lockingEnabled(options.locking, host, (message) => {
+    graph.onWarning(message);
+    graph.onWarning('Due to the implementation, locks can be lost unexpectedly.\n', { verbatim: true });
+  });
+  const id = options['pr-manager'];
+  if (id !== undefined) {
+    const object = graph.objects.get(id);
+    if (!object) throw new BlockError('EINVAL', `No persistent reservation manager with id '${id}'`);
+    if (object.qomType !== 'pr-manager-helper') {
+      throw new BlockError('EINVAL', `Object with id '${id}' is not a persistent reservation manager`);
+    }
+  }
+  return locking;
+}
+
+async function open(node: BlockNode, optionsIn: Record<string, unknown>, ctx: OpenContext): Promise<void> {
+  const options = optionsIn as FileOptions;
+  const filename = stripFilePrefix(options.filename);
   const host = loadHostIo();
+  const locking = checkOptions(options, host, ctx.graph);
   const direct = node.openFlags.direct;
   const unavailable = direct ? directUnavailable(host) : null;
   if (unavailable) throw new BlockError('ENOTSUP', `Could not open '${filename}': ${unavailable}`);
   const fh = await openHostFile(filename, node.readOnly, direct);
   try {
+    if (options.aio === 'native' && !direct) {
+      throw new BlockError('EINVAL', 'aio=native was specified, but it requires cache.direct=on, which was not specified.');
+    }
     const st = await fh.stat();
     if (!st.isFile() && !st.isBlockDevice()) {
       throw new BlockError('EINVAL', `'file' driver requires '${filename}' to be a regular file`);
@@ -145,6 +183,8 @@ async function open(node: BlockNode, options: Record<string, unknown>): Promise<
       isBlockDevice: st.isBlockDevice(),
       syncIo: node.openFlags.syncIo || (directIo === null && isMemoryBacked(filename)),
       dataCache: null,
+      locks: new FileLocks(host, locking, filename),
+      options,
     } satisfies FileState;
   } catch (e) {
     await fh.close();
@@ -244,8 +284,9 @@ async function getAllocatedFileSize(node: BlockNode): Promise<number | undefined
  * raw_reopen_prepare/commit for the access mode: a new descriptor on the
  * same file (QEMU's "Could not reopen file: …"; a file replaced on disk
  * since the open is refused rather than written to), swapped in while the
- * node is drained, the old one closed. This driver takes no host locks
- * (file-posix's OFD locks), so none move; O_DIRECT and its alignment stay.
+ * node is drained, the old one closed. The image locks the old one holds
+ * are taken on the new one first (OFD locks go with their descriptor, and
+ * shared locks of one file never conflict); O_DIRECT and its alignment stay.
  */
 async function reopen(node: BlockNode, readOnly: boolean): Promise<void> {
   const s = state(node);
@@ -261,6 +302,7 @@ async function reopen(node: BlockNode, readOnly: boolean): Promise<void> {
     if (now.dev !== opened.dev || now.ino !== opened.ino) {
       throw new BlockError('EIO', `Could not reopen file: '${s.path}' is no longer the file that was opened`);
     }
+    s.locks.copyTo(fh.fd);
   } catch (e) {
     await fh.close();
     throw toBlockError(e);
@@ -270,20 +312,49 @@ async function reopen(node: BlockNode, readOnly: boolean): Promise<void> {
   await old.close();
 }
 
+/** Closing the descriptor drops its image locks with it. */
 async function close(node: BlockNode): Promise<void> {
   await state(node).fh.close();
+}
+
+/** The node's locks and descriptor, while it is open (a closed FileHandle's fd is -1). */
+function openLocks(node: BlockNode): { locks: FileLocks; fd: number } | null {
+  const s = node.opaque as FileState | undefined;
+  return s && s.fh.fd >= 0 ? { locks: s.locks, fd: s.fh.fd } : null;
+}
+
+/** raw_check_perm: lock and test the bytes the new permissions need. */
+function checkPerm(node: BlockNode, perm: number, shared: number): void {
+  const open = openLocks(node);
+  open?.locks.prepare(open.fd, perm, shared);
+}
+
+/** raw_set_perm. */
+function setPerm(node: BlockNode, perm: number, shared: number): void {
+  const open = openLocks(node);
+  open?.locks.commit(open.fd, perm, shared);
+}
+
+/** raw_abort_perm_update. */
+function abortPerm(node: BlockNode): void {
+  const open = openLocks(node);
+  open?.locks.abort(open.fd);
 }
 
 export const fileDriver: BlockDriver = {
   name: 'file',
   protocolName: 'file',
-  optionsSchema,
+  optionsSchema: fileOptionsSchema,
   createOpts: FILE_CREATE_OPTS,
   strongOptions: ['filename'],
   getInfo: () => ({}),
   open,
   close,
   reopen,
+  checkPerm,
+  setPerm,
+  abortPerm,
+  qapiProblem: fileOptionsQapiProblem,
   getLength,
   coPreadv,
   coPwritev,

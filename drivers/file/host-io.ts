@@ -8,8 +8,9 @@
  * (fstat says 0). For cache.direct=on (O_DIRECT) it needs memory at an
  * aligned address, which no JS allocation promises, and a way to tell
  * whether a caller's buffer already is; for create it sets the nocow and
- * extent-size-hint file attributes. The optional N-API addon native/hostio.c
- * answers them; it is built at install time by scripts/build-native.mjs and
+ * extent-size-hint file attributes; for image locking (QEMU's file-posix
+ * locks, drivers/file/lock.ts) it takes, drops and tests shared byte-range
+ * locks with fcntl. The optional N-API addon native/hostio.c answers them; it is built at install time by scripts/build-native.mjs and
  * may be missing.
  *
  * Two implementations of `HostIo`, chosen once per process by loadHostIo():
@@ -20,7 +21,9 @@
  *     ENOTSUP so the generic layer writes zero buffers or ignores discard.
  *     It has no aligned memory (alignedBuffer throws ENOTSUP, isAligned says
  *     false: "not known to be aligned", so O_DIRECT is refused at open), no
- *     block size (null) and no file attributes (ENOTSUP).
+ *     block size (null) and no file attributes (ENOTSUP). It has no
+ *     byte-range locks either (`lockKind` null; the lock calls throw
+ *     ENOTSUP): Node has no fcntl.
  * Both check arguments identically: fd and byte counts must be non-negative
  * integers (byte counts ≤ 2^53), alignments powers of two up to 1 MiB;
  * anything else is a programmer error and throws (sync calls) or rejects
@@ -68,6 +71,19 @@ export interface HostIo {
   setNocow(fd: number): void;
   /** Sets the file's extent size hint (FS_XFLAG_EXTSIZE; XFS); ENOTSUP where unsupported. */
   setExtentSizeHint(fd: number, hintBytes: number): void;
+  /**
+   * The byte-range locks fcntl gives: 'ofd' (owned by the open file
+   * description: two opens of a file conflict even in one process), 'posix'
+   * (owned by the process, dropped when any of its descriptors of the file
+   * closes), or null (no addon: no locks at all).
+   */
+  readonly lockKind: 'ofd' | 'posix' | null;
+  /** Takes a shared (read) lock on the range; never waits. */
+  lockBytes(fd: number, offsetBytes: number, lengthBytes: number): void;
+  /** Drops this description's lock on the range. */
+  unlockBytes(fd: number, offsetBytes: number, lengthBytes: number): void;
+  /** Whether another description (process, for POSIX locks) holds any lock on the range. */
+  lockConflict(fd: number, offsetBytes: number, lengthBytes: number): boolean;
 }
 
 /** Largest offset or length a JS number holds exactly; the addon's limit too. */
@@ -86,8 +102,8 @@ const ADDON_PATH_IN_PACKAGE = path.join('build', 'Release', 'hostio.node');
 const PACKAGE_ROOT_SEARCH_DEPTH_MAX = 8;
 const NO_NATIVE_ENV = 'QEMU_BLOCK_TS_NO_NATIVE';
 
-/** The raw addon: same functions, errors are plain Errors with an errno `.code`. */
-type HostIoAddon = Omit<HostIo, 'native'>;
+/** The raw addon: same functions (lockKind a call), errors are plain Errors with an errno `.code`. */
+type HostIoAddon = Omit<HostIo, 'native' | 'lockKind'> & { lockKind(): 'ofd' | 'posix' };
 const ADDON_FUNCTIONS = [
   'seekData',
   'seekHole',
@@ -100,6 +116,10 @@ const ADDON_FUNCTIONS = [
   'logicalBlockBytes',
   'setNocow',
   'setExtentSizeHint',
+  'lockKind',
+  'lockBytes',
+  'unlockBytes',
+  'lockConflict',
 ] as const;
 
 // ---- argument checks (programmer errors) ---------------------------------
@@ -202,7 +222,24 @@ function wrapAddon(addon: HostIoAddon): HostIo {
       checkInteger(hintBytes, EXTENT_SIZE_HINT_MAX_BYTES, 'hintBytes');
       callSync(() => addon.setExtentSizeHint(fd, hintBytes));
     },
+    lockKind: addon.lockKind(),
+    lockBytes: lockRange((fd, o, l) => addon.lockBytes(fd, o, l)),
+    unlockBytes: lockRange((fd, o, l) => addon.unlockBytes(fd, o, l)),
+    lockConflict: lockRange((fd, o, l) => addon.lockConflict(fd, o, l)),
   });
+}
+
+/** A synchronous (fd, offset, length) lock call with checked arguments. */
+function lockRange<T>(call: (fd: number, offsetBytes: number, lengthBytes: number) => T) {
+  return (fd: number, offsetBytes: number, lengthBytes: number): T => {
+    checkArgs(fd, offsetBytes, lengthBytes);
+    return callSync(() => call(fd, offsetBytes, lengthBytes));
+  };
+}
+
+function locksUnsupported(fd: number, offsetBytes: number, lengthBytes: number): never {
+  checkArgs(fd, offsetBytes, lengthBytes);
+  throw new BlockError('ENOTSUP', 'Byte-range locks need the native hostio addon');
 }
 
 // ---- the pure-Node fallback ----------------------------------------------
@@ -255,6 +292,10 @@ export const fallbackHostIo: HostIo = Object.freeze({
     checkInteger(hintBytes, EXTENT_SIZE_HINT_MAX_BYTES, 'hintBytes');
     throw new BlockError('ENOTSUP');
   },
+  lockKind: null,
+  lockBytes: locksUnsupported,
+  unlockBytes: locksUnsupported,
+  lockConflict: locksUnsupported,
 });
 
 // ---- loading --------------------------------------------------------------

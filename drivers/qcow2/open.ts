@@ -138,7 +138,7 @@ async function buildState(node: BlockNode, ctx: OpenContext, file: BdrvChild, im
     flushFile: () => flushFile(s),
   });
   s = {
-    node, graph: ctx.graph, file, backing: null, geometry, clusterBytes: c, image,
+    node, graph: ctx.graph, file, get backing() { return node.cowChild; }, geometry, clusterBytes: c, image,
     l1, l1View: new DataView(l1.buffer), reftable, maxReftableIndex: -1,
     l2Cache: new MetadataCache('L2', opts.l2CacheEntries, c, io(OverlapCheck.ACTIVE_L2)),
     refcountCache: new MetadataCache('refcount', opts.refcountCacheEntries, c, io(OverlapCheck.REFCOUNT_BLOCK)),
@@ -187,7 +187,7 @@ export async function openQcow2(node: BlockNode, raw: RawOptions, ctx: OpenConte
   node.limits.pwriteZeroesAlignment = s.clusterBytes;
   node.limits.pdiscardAlignment = s.clusterBytes;
   node.supportedZeroFlags = h.version >= Qcow2Version.V3 ? Req.MAY_UNMAP | Req.NO_FALLBACK : 0;
-  s.backing = await openBacking(node, s, raw, ctx);
+  await openBacking(node, s, raw, ctx);
 }
 
 /** The backing child: from the options, else from the header (see the note at the top). */

@@ -16,10 +16,12 @@
  *
  * Going read-write (the file is writable already): an image a read-write
  * open would refuse stays read-only — the corrupt bit ("qcow2: Image is
- * corrupt; cannot be opened read/write", EACCES, as the open) and, ours,
- * the dirty bit, whose refcounts a read-write open repairs first and which
- * would otherwise let new clusters land on ones in use (QEMU reopens it
- * without a word). Then, as a read-write open does, unknown autoclear bits
+ * corrupt; cannot be opened read/write", EACCES, as the open). A dirty
+ * image (lazy refcounts, not closed cleanly) is reopened as it is, as
+ * QEMU's qcow2_reopen_prepare does: only a read-write open repairs its
+ * refcounts, so writes after the reopen trust refcounts that may be stale
+ * (QEMU's behaviour, kept: going read-only again clears the dirty bit, and
+ * `qemu-img check -r` is the way to repair). Then, as a read-write open does, unknown autoclear bits
  * are cleared and a stale bitmaps extension dropped, and the loaded
  * persistent bitmaps are marked in use on disk and become writable
  * (qcow2_reopen_bitmaps_rw). QEMU only reports a failure of that last step
@@ -31,7 +33,7 @@ import { findDirtyBitmap, type DirtyBitmap } from '../../block/dirty-bitmap.js';
 import type { BlockNode } from '../../block/node.js';
 import { BmeFlag, readDirectory, rewriteDirectoryInPlace } from './bitmap-dir.js';
 import { storeQcow2Bitmaps } from './bitmap-store.js';
-import { AUTOCLEAR_KNOWN_MASK, Incompat } from './format.js';
+import { AUTOCLEAR_KNOWN_MASK } from './format.js';
 import { checkUsable, flushFile, markClean, needAccurateRefcounts, updateHeader } from './header-io.js';
 import { stateOf, type Qcow2State } from './state.js';
 import { invalidForWriting, reasonToError } from './validate.js';
@@ -63,9 +65,6 @@ async function becomeWritable(s: Qcow2State): Promise<void> {
   const h = s.image.header;
   const refusal = invalidForWriting(h);
   if (refusal) throw reasonToError(refusal);
-  if (h.incompatibleFeatures & Incompat.DIRTY) {
-    throw new BlockError('EACCES', 'qcow2: Image is dirty; open it read/write to repair it before it can be reopened read/write');
-  }
   await s.lock.run(async () => {
     s.writable = true;
     try {

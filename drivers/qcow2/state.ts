@@ -93,7 +93,8 @@ export interface Qcow2State {
   readonly node: BlockNode;
   readonly graph: BlockGraph;
   readonly file: BdrvChild;
-  backing: BdrvChild | null;
+  /** The node's backing edge as the graph has it now (stream, commit and drive-mirror change it after open). */
+  readonly backing: BdrvChild | null;
   readonly geometry: Qcow2Geometry;
   readonly clusterBytes: number;
   /** The header cluster, kept current. */

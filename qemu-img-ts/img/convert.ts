@@ -22,6 +22,7 @@ import { CONVERT_BUF_BYTES, CONVERT_MAX_BUF_SECTORS, CONVERT_MAX_PARALLEL, Conve
 import { prepareCreate, splitQemuOpts, type PreparedCreate } from '../../block/create.js';
 import type { NormalisedDriver } from '../../block/driver.js';
 import { BlockError, strerror } from '../../block/errors.js';
+import { Perm } from '../../block/flags.js';
 import type { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
 import { bitmapsCopyRefusal, copyPersistentBitmaps, supportsPersistentBitmaps } from '../../block/dirty-bitmap-ops.js';
@@ -186,10 +187,12 @@ async function run(ctx: ImgContext, argv: string[]): Promise<number> {
   if (!applyCacheMode(srcCache, a.srcCache)) throw new CliError(`Invalid source cache option: ${a.srcCache}`);
   const progress = startProgress(a.progress && !a.quiet, 100);
   const opened: BlockNode[] = [];
+  const readers: BlockBackend[] = [];
   try {
-    await convert(ctx, a, operands.slice(0, -1), outFilename, srcCache, opened, progress);
+    await convert(ctx, a, operands.slice(0, -1), outFilename, srcCache, { opened, readers }, progress);
     progress.finish();
   } finally {
+    for (const reader of readers) await reader.close();
     for (const node of opened.reverse()) await ctx.graph.unref(node);
   }
   return 0;
@@ -203,10 +206,11 @@ async function convert(
   srcNames: string[],
   outFilename: string,
   srcCache: OpenSettings,
-  opened: BlockNode[],
+  held: HeldImages,
   progress: ProgressLike,
 ): Promise<void> {
-  const sources = await openSources(ctx.graph, a, srcNames, srcCache, opened);
+  const { opened, readers } = held;
+  const sources = await openSources(ctx.graph, a, srcNames, srcCache, held);
   const totalSectors = sources.reduce((n, s) => n + sectorsOf(s), 0);
   if (a.snapshot !== undefined) await loadSnapshot(a.snapshot, sources);
   const prepared = a.noCreate ? null : prepareTarget(ctx.graph, a, outFilename, totalSectors);
@@ -223,21 +227,41 @@ async function convert(
   const target = await openTarget(ctx.graph, a, outFilename, cache);
   opened.push(target);
   checkTarget(a, target, totalSectors);
-  await copy(ctx.graph, a, sources, target, backingFile !== undefined, progress);
+  await copy(ctx.graph, a, readers, sources, target, backingFile !== undefined, progress);
 }
+
+/** What convert holds open until it ends: the nodes it opened, and the sources' readers. */
+interface HeldImages {
+  opened: BlockNode[];
+  readers: BlockBackend[];
+}
+
+/**
+ * The permissions a source's reader takes (blk_new_open with
+ * BDRV_O_NO_SHARE): nobody else may write or resize it during the copy;
+ * -U makes the nodes below share everything.
+ */
+const SOURCE_SHARED = Perm.CONSISTENT_READ | Perm.WRITE_UNCHANGED;
 
 function sectorsOf(node: BlockNode): number {
   return Math.ceil(node.totalBytes / SECTOR_BYTES);
 }
 
-async function openSources(graph: BlockGraph, a: ConvertArgs, names: string[], cache: OpenSettings, opened: BlockNode[]) {
+/** Opens each source with its reader, as qemu-img's img_open does, before anything else happens. */
+async function openSources(graph: BlockGraph, a: ConvertArgs, names: string[], cache: OpenSettings, held: HeldImages) {
   const nodes: BlockNode[] = [];
   for (const filename of names) {
     const node = await imgOpen(graph, {
       filename, format: a.srcFormat, imageOpts: a.imageOpts, forceShare: a.forceShare, readOnly: true,
       flags: { direct: cache.direct, noFlush: cache.noFlush },
     });
-    opened.push(node);
+    held.opened.push(node);
+    try {
+      held.readers.push(new BlockBackend(graph, node, { shared: SOURCE_SHARED }));
+    } catch (e) {
+      if (e instanceof BlockError) throw new CliError(`Could not open '${filename}': ${e.message}`);
+      throw e;
+    }
     nodes.push(node);
   }
   return nodes;
@@ -329,13 +353,13 @@ function checkTarget(a: ConvertArgs, target: BlockNode, totalSectors: number): v
 async function copy(
   graph: BlockGraph,
   a: ConvertArgs,
+  readers: BlockBackend[],
   sources: BlockNode[],
   target: BlockNode,
   hasBacking: boolean,
   progress: ProgressLike,
 ): Promise<void> {
   const backend = new BlockBackend(graph, target, { writable: true });
-  const readers = sources.map((node) => new BlockBackend(graph, node, {}));
   try {
     await convertCopy(copyPlan(a, readers, backend, hasBacking, progress, (m) => graph.onWarning(m)));
     // While the backend still holds the target: closing it closes the node, which writes the bitmaps.
@@ -346,7 +370,6 @@ async function copy(
     if (e.phase === 'status') throw new CliError(`error while reading block status at offset ${e.offsetBytes}: ${strerror(e.code)}`);
     throw new CliError(`error while ${verb} at byte ${e.offsetBytes}: ${strerror(e.code)}`);
   } finally {
-    for (const r of readers) await r.close();
     await backend.close();
   }
 }

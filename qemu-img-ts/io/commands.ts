@@ -16,6 +16,8 @@
  * graph-level reopen the block layer does not offer yet, so it is "not
  * found" rather than faked.
  */
+import { Perm } from '../../block/flags.js';
+import { asBlockError } from './request.js';
 import { getopt, isGetoptError } from './getopt.js';
 import type { IoSession } from './session.js';
 
@@ -37,6 +39,8 @@ export interface IoCommand {
   readonly nofileOk?: boolean;
   /** Needs write permission on the image (refused on read-only images). */
   readonly needsWrite?: boolean;
+  /** Needs resize permission too, taken when the command first runs (cmdinfo_t.perm: truncate). */
+  readonly needsResize?: boolean;
   /** `argv[0]` is the word the user typed (name or alias). True on success. */
   run(s: IoSession, argv: string[]): Promise<boolean>;
 }
@@ -127,6 +131,14 @@ export class CommandTable {
     if (cmd.needsWrite && s.blk && !s.blk.writable) {
       s.report('Block node is read-only');
       return false;
+    }
+    if (cmd.needsResize && s.blk && !(s.blk.root.perm & Perm.RESIZE)) {
+      try {
+        s.blk.setPerm(s.blk.root.perm | Perm.RESIZE, s.blk.root.shared);
+      } catch (e) {
+        s.report(asBlockError(e).message);
+        return false;
+      }
     }
     return cmd.run(s, argv);
   }

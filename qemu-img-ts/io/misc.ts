@@ -119,6 +119,7 @@ export const truncateCommand: IoCommand = {
   argmin: 1,
   argmax: 3,
   needsWrite: true,
+  needsResize: true,
   run: truncateF,
 };
 

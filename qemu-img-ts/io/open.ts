@@ -220,7 +220,8 @@ export async function openFile(s: IoSession, name: string | null, st: OpenSettin
     s.report(`can't open${name !== null ? ` device ${name}` : ''}: ${asBlockError(e).message}`);
     return false;
   }
-  s.blk = new BlockBackend(s.graph, node, { writable: !node.readOnly, resizable: !node.readOnly, writeCache: !st.writethrough });
+  // Resize is taken by the commands that need it (truncate), as qemu-io's command() does.
+  s.blk = new BlockBackend(s.graph, node, { writable: !node.readOnly, writeCache: !st.writethrough });
   return true;
 }
 

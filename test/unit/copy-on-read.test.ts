@@ -177,7 +177,8 @@ describe('copy-on-read filter', () => {
     await open({ 'node-name': 'f1', file: 'top' });
     await expect(open({ file: 'top', bottom: 'f1' })).rejects.toThrow("Bottom node 'f1' is a filter");
     await expect(open({ file: 'mid', bottom: 'top' })).rejects.toThrow("Bottom node 'top' is not in the backing chain of 'mid'");
-    const ro = await c.graph.openNode({ driver: 'qcow2', 'node-name': 'ro', 'read-only': true, file: { driver: 'file', filename: c.base.filename }, backing: null } as never);
+    // A second node on base's file, which 'base' holds writable: force-share, as -U, or its image locks refuse it.
+    const ro = await c.graph.openNode({ driver: 'qcow2', 'node-name': 'ro', 'read-only': true, 'force-share': true, file: { driver: 'file', filename: c.base.filename }, backing: null } as never);
     await expect(open({ file: ro.nodeName })).rejects.toThrow('Block node is read-only');
     expect([...c.graph.nodes.values()].filter((n) => n.driver.name === 'copy-on-read').map((n) => n.nodeName)).toEqual(['f1']);
   });

@@ -185,7 +185,7 @@ describe('block-stream and block-commit arguments', () => {
       [{ 'top-node': 'base', 'base-node': 'mid' }, "'mid' is not in this backing file chain"],
       [{ top: 'x', 'top-node': 'mid' }, "'top-node' and 'top' are mutually exclusive"],
       [{ base: 'x', 'base-node': 'base' }, "'base-node' and 'base' are mutually exclusive"],
-      [{ device: 'base' }, 'cannot commit an image into itself'],
+      [{ device: 'base' }, 'Need a root block node'],
       [{ 'top-node': 'zz' }, "Cannot find device='' nor node-name='zz'"],
       [{ 'base-node': 'zz' }, "Cannot find device='' nor node-name='zz'"],
       [{ 'backing-file': 'q' }, "'backing-file' specified, but 'top' is the active layer"],
