@@ -26,6 +26,8 @@ export interface BackendOptions {
   writable?: boolean;
   /** Ask for resize permission (truncate, writes past the end). */
   resizable?: boolean;
+  /** Exactly these permissions instead (blk_new_with_bs's perm), e.g. resize alone for block_resize. */
+  perm?: number;
   /** Permissions other users keep (default: all, as QEMU's backends); narrowed after joining the node. */
   shared?: number;
   /** Writes may extend the node (image creation). */
@@ -65,7 +67,7 @@ export class BlockBackend implements EdgeParent {
     this.allowWriteBeyondEof = opts.allowWriteBeyondEof ?? false;
     this.writeCache = opts.writeCache ?? true;
     const perm =
-      Perm.CONSISTENT_READ | (opts.writable ? Perm.WRITE : 0) | (opts.resizable || opts.allowWriteBeyondEof ? Perm.RESIZE : 0);
+      opts.perm ?? Perm.CONSISTENT_READ | (opts.writable ? Perm.WRITE : 0) | (opts.resizable || opts.allowWriteBeyondEof ? Perm.RESIZE : 0);
     // As QEMU's users that narrow sharing (an export: blk_new sharing all, then blk_set_perm):
     // a conflict with the wider first step is the one reported.
     const edge = attachChild(this, 'root', 0, node, perm, Perm.ALL);

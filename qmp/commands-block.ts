@@ -14,13 +14,25 @@
  * monitor until blockdev-del, which refuses nodes the monitor did not add
  * and nodes something still uses (an export, a parent node, a job).
  *
+ * block_resize (qmp_block_resize): the node by node name (the daemon has
+ * no named devices, so `device` never matches: "Cannot find device='x'
+ * nor node-name='y'"), a size above -1 ("Parameter 'size' expects a >0
+ * size"), no job holding it ("Device '(null)' is in use", QEMU printing
+ * its NULL device name), then a BlockBackend taking resize alone (an
+ * export, which shares no resize, refuses it with the permission conflict)
+ * truncates it, drained, to the size (not exact, no preallocation).
+ *
  * query-named-block-nodes gives each node's BlockDeviceInfo with the keys
  * qemu-storage-daemon reports (I/O limits are 0: a node itself is never
  * throttled); without `flat`, `image` carries the backing chain as nested
  * `backing-image`. query-block lists devices: the daemon has none.
  */
 import { z } from 'zod';
+import { BlockBackend } from '../block/backend.js';
+import { drained } from '../block/drain.js';
+import { Perm } from '../block/flags.js';
 import type { BlockGraph } from '../block/graph.js';
+import { truncate } from '../block/io.js';
 import { queryImageInfo, type ImageInfo } from '../block/info.js';
 import type { OptionTree } from '../block/keyval.js';
 import { BlockNode } from '../block/node.js';
@@ -134,6 +146,20 @@ async function blockdevDel(d: Daemon, nodeName: string): Promise<void> {
   await d.graph.closeNode(node);
 }
 
+/** qmp_block_resize (see the note at the top). */
+async function blockResize(d: Daemon, a: { device?: string; 'node-name'?: string; size: number }): Promise<void> {
+  const node = a['node-name'] === undefined ? undefined : d.graph.nodes.get(a['node-name']);
+  if (!node) throw genericError(`Cannot find device='${a.device ?? ''}' nor node-name='${a['node-name'] ?? ''}'`);
+  if (a.size < 0) throw genericError("Parameter 'size' expects a >0 size");
+  if (opBlockedError(node)) throw genericError(`Device '${a.device ?? '(null)'}' is in use`);
+  const blk = new BlockBackend(d.graph, node, { perm: Perm.RESIZE, shared: Perm.ALL });
+  try {
+    await drained(node, () => truncate(blk.root, a.size, false, 'off'));
+  } finally {
+    await blk.close();
+  }
+}
+
 // ------------------------------------------------------------ query-named-block-nodes
 
 /** bdrv_filter_or_cow_bs: the next node of the chain (a filter's child or the backing file). */
@@ -209,6 +235,11 @@ export const blockCommands: QmpCommand<Daemon>[] = [
     name: 'blockdev-del',
     args: z.strictObject({ 'node-name': z.string() }),
     run: (d: Daemon, args: { 'node-name': string }) => blockdevDel(d, args['node-name']),
+  }),
+  defineCommand({
+    name: 'block_resize',
+    args: z.strictObject({ device: z.string().optional(), 'node-name': z.string().optional(), size: z.number().int() }),
+    run: (d: Daemon, args: { device?: string; 'node-name'?: string; size: number }) => blockResize(d, args),
   }),
   defineCommand({
     name: 'query-named-block-nodes',
