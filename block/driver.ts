@@ -237,12 +237,13 @@ export interface BlockDriver {
    */
   debugEvent?(node: BlockNode, event: BlkdebugEvent): void;
   /**
-   * QAPI's typed checks of the driver's own keys for blockdev-add over QMP
-   * (`tree` as sent, `prefix` the path of its node, e.g. `file.`), beyond
-   * the key names the monitor checks itself: QAPI's message, or null.
-   * Absent: nothing more to check.
+   * QAPI's checks of the driver's own keys for blockdev-add over QMP
+   * (`typed`: JSON as sent) or for qemu-storage-daemon's --blockdev in
+   * keyval form (every value text), with `prefix` the path of its node
+   * (e.g. `file.`), beyond the key names and integer keys the monitor
+   * checks itself: QAPI's message, or null. Absent: nothing more to check.
    */
-  qapiProblem?(tree: Record<string, unknown>, prefix: string): string | null;
+  qapiProblem?(tree: Record<string, unknown>, prefix: string, typed: boolean): string | null;
 }
 
 /** What bdrv_amend_options gets besides the node. */

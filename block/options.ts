@@ -75,6 +75,11 @@ function parseNumber(text: string, negative = false): bigint | null {
   return sign * BigInt(m[4]!);
 }
 
+/** Whether `text` is an integer as qemu_strtoi64 reads it with base 0 (QAPI's keyval input: --blockdev a=b). */
+export function isKeyvalInteger(text: string): boolean {
+  return parseNumber(text, true) !== null;
+}
+
 /**
  * A non-negative integer, or its string as QemuOpts reads numbers (hex,
  * octal, decimal). Messages: "Parameter 'KEY' expects a number" for

@@ -311,9 +311,11 @@ const QAPI_TYPE_NAMES: Record<QapiType, string> = { event: 'string', iotype: 'st
 /**
  * What QAPI's input visitor says about typed (QMP) `inject-error` and
  * `set-state` lists at `prefix` ("Parameter 'inject-error[0].event' is
- * missing", "Parameter 'event' does not accept value 'x'", …), or null.
+ * missing", "Parameter 'event' does not accept value 'x'", …), or null;
+ * nothing in keyval form (--blockdev a=b), where the rules are text.
  */
-export function qapiRulesProblem(tree: Record<string, unknown>, prefix: string): string | null {
+export function qapiRulesProblem(tree: Record<string, unknown>, prefix: string, typed: boolean): string | null {
+  if (!typed) return null;
   for (const group of ['inject-error', 'set-state'] as const) {
     const list = tree[group];
     if (list === undefined) continue;

@@ -37,7 +37,7 @@ import { queryImageInfo, type ImageInfo } from '../block/info.js';
 import type { OptionTree } from '../block/keyval.js';
 import { BlockNode } from '../block/node.js';
 import { opBlockedError } from '../block/op-blockers.js';
-import { baseOptionsSchema, qapiJsonType } from '../block/options.js';
+import { baseOptionsSchema, isKeyvalInteger, qapiJsonType } from '../block/options.js';
 import { defineCommand, genericError, type QmpCommand } from './command.js';
 import type { Daemon } from './daemon.js';
 import { QapiInputError } from './qapi-errors.js';
@@ -68,6 +68,12 @@ function typeMismatch(schema: z.ZodType | undefined, value: unknown): string | n
   return null;
 }
 
+/** QAPI's keyval visitor on an integer key given as text (--blockdev a=b): "Parameter 'a' expects integer", or null. */
+function keyvalMismatch(schema: z.ZodType | undefined, value: unknown, name: string): string | null {
+  if (qapiJsonType(schema) !== 'integer' || typeof value !== 'string' || isKeyvalInteger(value)) return null;
+  return `Parameter '${name}' expects integer`;
+}
+
 /** QAPI's checks of one (nested) node definition at `prefix`. */
 function checkBlockdevTree(graph: BlockGraph, tree: Record<string, unknown>, prefix: string, typed: boolean): void {
   const at = (key: string) => `${prefix}${key}`;
@@ -91,11 +97,13 @@ function checkBlockdevTree(graph: BlockGraph, tree: Record<string, unknown>, pre
     if (!allowed.has(key)) throw new QapiInputError(`Parameter '${at(key)}' is unexpected`);
     const mistyped = typed ? typeMismatch(shape[key], value) : null;
     if (mistyped) throw new QapiInputError(`Invalid parameter type for '${at(key)}', expected: ${mistyped}`);
+    const notInteger = typed ? null : keyvalMismatch(shape[key], value, at(key));
+    if (notInteger) throw new QapiInputError(notInteger);
     if (CHILD_KEYS.has(key) && typeof value === 'object' && value !== null && !Array.isArray(value)) {
       checkBlockdevTree(graph, value as Record<string, unknown>, `${at(key)}.`, typed);
     }
   }
-  const problem = typed ? driver.qapiProblem(tree, prefix) : null;
+  const problem = driver.qapiProblem(tree, prefix, typed);
   if (problem) throw new QapiInputError(problem);
 }
 

@@ -52,6 +52,12 @@ const DAEMON_CASES: string[][] = [
   ['--chardev', 'socket,path=@DIR@/m,server=on,wait=off,id=c0', '--monitor', '{"chardev":"c0","pretty":"on"}'],
   ['--object', '{"qom-type":"secret","id":"s0"}'],
   ['--object', '{"qom-type":"secret","id":"s0","data":"x"}', '--object', '{"qom-type":"secret","id":"s0","data":"x"}'],
+  // Keyval --blockdev goes through QAPI's keyval visitor, not QemuOpts: its enum and integer texts.
+  ['--blockdev', 'driver=file,node-name=f,filename=@DIR@/x,locking=bad'],
+  ['--blockdev', 'driver=file,node-name=f,filename=@DIR@/x,aio=bad'],
+  ['--blockdev', 'driver=file,node-name=f,filename=@DIR@/x,aio-max-batch=x'],
+  ['--blockdev', 'driver=qcow2,node-name=q,file.driver=file,file.filename=@DIR@/x,cache-clean-interval=x'],
+  ['--blockdev', 'driver=qcow2,node-name=q,file.driver=file,file.filename=@DIR@/x,l2-cache-size=1M'],
 ];
 
 let caseNumber = 0;
