@@ -31,7 +31,6 @@
  * session cache): every connection makes a full handshake, so the checks
  * above, the PSK lookup included, run for each client.
  */
-import crypto from 'node:crypto';
 import type net from 'node:net';
 import type { Duplex } from 'node:stream';
 import type tls from 'node:tls';
@@ -69,7 +68,7 @@ class ServerTlsUpgrade implements NbdServerTls {
     let pskIdentity: string | null = null;
     let options: tls.TlsOptions;
     try {
-      options = { ...contextOptions(creds, 'server'), secureOptions: crypto.constants.SSL_OP_NO_TICKET };
+      options = { ...contextOptions(creds, 'server'), secureOptions: process.getBuiltinModule('node:crypto').constants.SSL_OP_NO_TICKET };
     } catch (e) {
       socket.destroy();
       return Promise.reject(e);

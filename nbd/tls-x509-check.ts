@@ -17,7 +17,7 @@
  * are reproduced for the common causes. At most MAX_CA_CERTS CAs are
  * read from ca-cert.pem, as QEMU's fixed array allows.
  */
-import crypto from 'node:crypto';
+import type crypto from 'node:crypto';
 import fs from 'node:fs';
 import { BlockError, toBlockError } from '../block/errors.js';
 import { OID, readCertificate, type CertificateFields } from './tls-der.js';
@@ -63,7 +63,7 @@ function parseDer(der: Buffer): LoadedCert | string {
   const fields = readCertificate(der);
   if (!fields.ok) return `ASN1 parser: ${fields.reason}`;
   try {
-    return { x509: new crypto.X509Certificate(der), fields: fields.value };
+    return { x509: new (process.getBuiltinModule('node:crypto').X509Certificate)(der), fields: fields.value };
   } catch (e) {
     return (e as Error).message;
   }

@@ -10,7 +10,6 @@
  * order, so the digest is taken over it in chunks of SHA_CHUNK_BYTES,
  * zero-padded to the word; memory stays bounded for any bitmap size.
  */
-import { createHash } from 'node:crypto';
 import { z } from 'zod';
 import { bitmapAdd, bitmapClear, bitmapMerge, bitmapRemove, bitmapSetEnabled, lookupDirtyBitmap } from '../block/dirty-bitmap-ops.js';
 import type { DirtyBitmap } from '../block/dirty-bitmap.js';
@@ -24,7 +23,7 @@ const WORD_BYTES = 8;
 
 /** hbitmap_sha256 of a bitmap, hex. */
 export function bitmapSha256(bm: DirtyBitmap): string {
-  const hash = createHash('sha256');
+  const hash = process.getBuiltinModule('node:crypto').createHash('sha256');
   const totalBytes = bm.serializationBytes();
   const paddedBytes = Math.max(WORD_BYTES, Math.ceil(totalBytes / WORD_BYTES) * WORD_BYTES);
   const chunk = new Uint8Array(Math.min(SHA_CHUNK_BYTES, paddedBytes));

@@ -20,7 +20,6 @@
  * printed why). qemu-nbd's parent relays the child's stderr through a pipe
  * to learn the same.
  */
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import type { OptionTree } from '../../block/keyval.js';
@@ -162,7 +161,7 @@ export function reportReady(): void {
 
 /** The --fork parent: start the child and wait for it to be ready or to fail. */
 export function forkServer(): Promise<number> {
-  const child = spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], {
+  const child = process.getBuiltinModule('node:child_process').spawn(process.execPath, [...process.execArgv, process.argv[1]!, ...process.argv.slice(2)], {
     detached: true,
     stdio: ['ignore', 'ignore', 'inherit', 'ipc'],
     env: { ...process.env, [FORKED_ENV]: '1' },
