@@ -158,7 +158,8 @@ export function jobFilterName(graph: BlockGraph, nodeName: string | null, implic
  */
 export async function insertMirrorTop(graph: BlockGraph, source: BlockNode, nodeName: string | null): Promise<BlockNode> {
   const name = jobFilterName(graph, nodeName, IMPLICIT_NAME_PREFIX);
-  const filter = new BlockNode(normalisedMirrorTop, name, nodeName === null, source.readOnly, {
+  // Read-write whatever the source is, as QEMU opens it (BDRV_O_RDWR): its permissions come from its users.
+  const filter = new BlockNode(normalisedMirrorTop, name, nodeName === null, false, {
     ...source.openFlags,
     detectZeroes: 'off',
   });

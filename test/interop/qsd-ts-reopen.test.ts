@@ -184,8 +184,7 @@ describe.skipIf(missingPeers('qemu-storage-daemon', 'qemu-img', 'qemu-io'))('job
     });
   }
 
-  // Known difference (drivers/mirror-top.ts): QEMU opens mirror_top read-write whatever its source; ours copies the source's read-only flag.
-  it.fails('active block-commit of a read-only top: mirror_top is read-write as in QEMU', async () => {
+  it('active block-commit of a read-only top: mirror_top is read-write as in QEMU', async () => {
     const [theirs, ours] = await both('active-complete', (s) => activeScript(s, 'complete'));
     expect(ours.filterReadOnly).toEqual(theirs.filterReadOnly);
   });
