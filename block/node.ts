@@ -243,6 +243,11 @@ export class BlockNode implements EdgeParent {
   }
 
   /** Skips filters downwards: the first non-filter node (bdrv_skip_filters). */
+  /** The next node of its chain: a filter's child, else the backing image (bdrv_filter_or_cow_bs). */
+  get filterOrCowNode(): BlockNode | null {
+    return (this.driver.isFilter ? this.filteredChild : this.cowChild)?.node ?? null;
+  }
+
   skipFilters(): BlockNode {
     let n: BlockNode = this;
     while (n.driver.isFilter && n.filteredChild) n = n.filteredChild.node;

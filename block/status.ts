@@ -184,17 +184,11 @@ export async function blockStatusAbove(
       return { ...result, depth };
     }
     bytes = result.pnum;
-    layer = nextLayer(layer);
+    layer = layer.filterOrCowNode;
   }
   result.status &= ~Status.EOF;
   if (offsetBytes + result.pnum === eofAt) result.status |= Status.EOF;
   return { ...result, depth: 0 };
-}
-
-/** The layer below: a filter's child or a format's backing (bdrv_filter_or_cow_bs). */
-function nextLayer(node: BlockNode): BlockNode | null {
-  if (node.driver.isFilter) return node.filteredChild?.node ?? null;
-  return node.cowChild?.node ?? null;
 }
 
 /** Whether [offset, offset + pnum) is allocated in `node` itself. */

@@ -137,12 +137,6 @@ export class JobEdges {
   }
 }
 
-/** The node below `node` in its chain: a filter's child, else the backing image (bdrv_filter_or_cow_bs). */
-export function filterOrCowNext(node: BlockNode): BlockNode | null {
-  const edge = node.driver.isFilter ? node.filteredChild : node.cowChild;
-  return edge?.node ?? null;
-}
-
 /**
  * The child_job edges from `top` down to `base` (commit_start, and
  * mirror_start_job for active commit, which starts below its top): write
@@ -151,7 +145,7 @@ export function filterOrCowNext(node: BlockNode): BlockNode | null {
  */
 export function addIntermediateEdges(edges: JobEdges, top: BlockNode, base: BlockNode): void {
   let shared = Perm.WRITE_UNCHANGED | Perm.WRITE;
-  for (let n: BlockNode | null = top; n && n !== base; n = filterOrCowNext(n)) {
+  for (let n: BlockNode | null = top; n && n !== base; n = n.filterOrCowNode) {
     if (n.skipFilters() === base.skipFilters()) shared |= Perm.CONSISTENT_READ;
     edges.add('intermediate node', n, shared);
   }

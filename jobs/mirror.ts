@@ -97,7 +97,7 @@ import { backingChainNext, changeBackingFile, openStoredBacking, setBackingNode 
 import { reopenSetReadOnly } from '../block/reopen.js';
 import type { BlockGraph } from '../block/graph.js';
 import { insertMirrorTop, mirrorTopChild, setMirrorTopHooks, stopMirrorTop, type GuestWrite, type MirrorTopHooks } from '../drivers/mirror-top.js';
-import { addIntermediateEdges, checkNodesFree, claimNodes, filterOrCowNext, jobBackend, JobEdges } from './block-job.js';
+import { addIntermediateEdges, checkNodesFree, claimNodes, jobBackend, JobEdges } from './block-job.js';
 import { JobError, type Job, type JobDriver, type OnErrorPolicy } from './job.js';
 import type { JobRegistry } from './registry.js';
 import { CopyBuffers, InFlightOps } from './mirror-ops.js';
@@ -243,7 +243,7 @@ export class Mirror implements JobDriver, MirrorTopHooks {
       this.jobEdge = jobBackend(this.filter, Perm.CONSISTENT_READ, MIRROR_JOB_SHARED);
       this.edges = new JobEdges(job);
       this.edges.add('source', this.source, MIRROR_JOB_SHARED);
-      const below = filterOrCowNext(this.source);
+      const below = this.source.filterOrCowNode;
       if (this.kind.type === 'commit' && below) addIntermediateEdges(this.edges, below, this.target);
     } catch (e) {
       await this.exit(false, true);

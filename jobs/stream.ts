@@ -48,15 +48,15 @@
  * edges; on failure or cancel the chain is left as it was, and whatever
  * was copied is already in the device and harmless.
  */
-import { backingChainNext, changeBackingFile } from '../block/chain.js';
+import { backingChainNext, changeBackingFile, setBackingNode } from '../block/chain.js';
 import { Perm, Req } from '../block/flags.js';
 import type { BlockGraph } from '../block/graph.js';
-import { detachChild, replaceChildNode, type BdrvChild, type BlockNode } from '../block/node.js';
+import { detachChild, type BdrvChild, type BlockNode } from '../block/node.js';
 import { reopenSetReadOnly } from '../block/reopen.js';
 import { blockStatusAbove, isAllocated } from '../block/status.js';
 import { dropCopyOnRead, insertCopyOnRead } from '../drivers/copy-on-read.js';
 import { runChainCopy } from './chain-copy.js';
-import { checkNodesFree, createBlockJob, filterOrCowNext, jobBackend, JobEdges, type BlockJobOptions, type JobContext } from './block-job.js';
+import { checkNodesFree, createBlockJob, jobBackend, JobEdges, type BlockJobOptions, type JobContext } from './block-job.js';
 import type { Job, JobDriver, OnErrorPolicy } from './job.js';
 
 /** What the job shares on the nodes it streams from (QEMU's basic_flags). */
@@ -103,7 +103,7 @@ function baseOverlay(top: BlockNode, base: BlockNode | null): BlockNode {
 /** The nodes from `device` down to (not including) `base`, through filters and backing images. */
 function chainDownTo(device: BlockNode, base: BlockNode | null): BlockNode[] {
   const nodes: BlockNode[] = [];
-  for (let n: BlockNode | null = device; n && n !== base; n = filterOrCowNext(n)) nodes.push(n);
+  for (let n: BlockNode | null = device; n && n !== base; n = n.filterOrCowNode) nodes.push(n);
   return nodes;
 }
 
@@ -195,13 +195,9 @@ async function streamPrepare(s: StreamState): Promise<void> {
   // The intermediate images drop out below: nothing of the job may keep them.
   dropEdges(s);
   await dropFilter(s);
-  const backing = s.top.cowChild;
-  if (!backing) return;
+  if (!s.top.cowChild) return;
   const base = s.base?.skipFilters() ?? null;
   const name = base ? (s.backingFile ?? base.filename) : null;
   await changeBackingFile(s.top, name, base ? base.driver.name : null, false);
-  const dropped = backing.node;
-  if (s.base) replaceChildNode(backing, s.base);
-  else detachChild(backing);
-  if (dropped !== s.base) await s.graph.unref(dropped);
+  await setBackingNode(s.graph, s.top, s.base);
 }

@@ -170,16 +170,11 @@ async function blockResize(d: Daemon, a: { device?: string; 'node-name'?: string
 
 // ------------------------------------------------------------ query-named-block-nodes
 
-/** bdrv_filter_or_cow_bs: the next node of the chain (a filter's child or the backing file). */
-function chainNext(node: BlockNode): BlockNode | null {
-  return (node.driver.isFilter ? node.filteredChild?.node : node.cowChild?.node) ?? null;
-}
-
 type ImageInfoTree = ImageInfo & { 'backing-image'?: ImageInfoTree };
 
 async function imageInfoChain(node: BlockNode, flat: boolean): Promise<ImageInfoTree> {
   const info: ImageInfoTree = await queryImageInfo(node);
-  const next = flat ? null : chainNext(node);
+  const next = flat ? null : node.filterOrCowNode;
   if (next) info['backing-image'] = await imageInfoChain(next, flat);
   return info;
 }
@@ -187,7 +182,7 @@ async function imageInfoChain(node: BlockNode, flat: boolean): Promise<ImageInfo
 /** The nodes below `node` through filters and backing images (QEMU counts filters too). */
 function backingDepth(node: BlockNode): number {
   let depth = 0;
-  for (let n = chainNext(node); n; n = chainNext(n)) depth++;
+  for (let n = node.filterOrCowNode; n; n = n.filterOrCowNode) depth++;
   return depth;
 }
 

@@ -72,15 +72,9 @@ export async function asQmp<T>(body: () => Promise<T>): Promise<T> {
   }
 }
 
-/** The image below `node` (a filter's child or a backing image; bdrv_filter_or_cow_bs). */
-function nextInChain(node: BlockNode): BlockNode | null {
-  if (node.driver.isFilter) return node.filteredChild?.node ?? null;
-  return node.cowChild?.node ?? null;
-}
-
 /** bdrv_chain_contains: `node` is `top` or below it. */
 export function chainContains(top: BlockNode, node: BlockNode): boolean {
-  for (let n: BlockNode | null = top; n; n = nextInChain(n)) if (n === node) return true;
+  for (let n: BlockNode | null = top; n; n = n.filterOrCowNode) if (n === node) return true;
   return false;
 }
 

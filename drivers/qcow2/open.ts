@@ -190,12 +190,15 @@ export async function openQcow2(node: BlockNode, raw: RawOptions, ctx: OpenConte
   await openBacking(node, s, raw, ctx);
 }
 
-/** The backing child: from the options, else from the header (see the note at the top). */
-async function openBacking(node: BlockNode, s: Qcow2State, raw: RawOptions, ctx: OpenContext): Promise<BdrvChild | null> {
-  if (raw.backing !== undefined) return raw.backing === null ? null : ctx.openChild('backing', ChildRole.COW);
-  if (node.noBacking) return null;
+/** Attaches the backing child: from the options, else from the header (see the note at the top). */
+async function openBacking(node: BlockNode, s: Qcow2State, raw: RawOptions, ctx: OpenContext): Promise<void> {
+  if (raw.backing !== undefined) {
+    if (raw.backing !== null) await ctx.openChild('backing', ChildRole.COW);
+    return;
+  }
+  if (node.noBacking) return;
   const name = s.image.backingName;
-  if (name === null) return null;
+  if (name === null) return;
   const filename = fullBackingFilename(s.file.node.filename, name);
   const ancestors = ((node.options as Record<symbol, unknown>)[BACKING_CHAIN] as string[] | undefined) ?? [path.resolve(s.file.node.filename)];
   const resolved = path.resolve(filename);
@@ -210,7 +213,7 @@ async function openBacking(node: BlockNode, s: Qcow2State, raw: RawOptions, ctx:
       inherit: { unmap: node.openFlags.unmap, direct: node.openFlags.direct, noFlush: node.openFlags.noFlush },
     });
     try {
-      return ctx.graph.attach(node, 'backing', ChildRole.COW, child);
+      ctx.graph.attach(node, 'backing', ChildRole.COW, child);
     } catch (e) {
       await ctx.graph.unref(child);
       throw e;
