@@ -1,11 +1,13 @@
-# Builds build/Release/hostio.node from native/hostio.c (plain C, N-API v8).
+# Builds build/Release/hostio.node from native/hostio.c and native/sender.c
+# (plain C, N-API v8).
 # Run by scripts/build-native.mjs at install time; loaded by
 # drivers/file/host-io.ts, which falls back to plain I/O when it is missing.
 {
   "targets": [
     {
       "target_name": "hostio",
-      "sources": ["native/hostio.c"],
+      "sources": ["native/hostio.c", "native/sender.c"],
+      "libraries": ["-lpthread"],
       "cflags": ["-Wall", "-Wextra"],
       "cflags_c": ["-std=gnu11"],
       "xcode_settings": {

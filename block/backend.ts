@@ -12,11 +12,11 @@
  */
 import { BlockError } from './errors.js';
 import { Perm, Req, type Prealloc } from './flags.js';
-import { checkRange, flush, pdiscard, preadv, pwriteZeroes, pwritev, truncate } from './io.js';
+import { checkRange, flush, pdiscard, preadv, preadvToHost, pwriteZeroes, pwritev, truncate } from './io.js';
 import { drain } from './drain.js';
 import { attachChild, detachChild, replaceChildNode, setEdgePerms, type BdrvChild, type BlockNode, type EdgeParent } from './node.js';
 import { blockStatus, blockStatusAbove, type ChainStatusResult } from './status.js';
-import type { BlockStatusResult } from './driver.js';
+import type { BlockStatusResult, HostRangeSink } from './driver.js';
 import type { BlockGraph } from './graph.js';
 
 export interface BackendOptions {
@@ -174,6 +174,19 @@ export class BlockBackend implements EdgeParent {
       this.checkByteRequest(offsetBytes, buf.length, false);
       if (this.ioThrottle) await this.ioThrottle.intercept(buf.length, false);
       await preadv(this.root, offsetBytes, buf, flags);
+    });
+  }
+
+  /**
+   * Hands `bytes` bytes at `offsetBytes` to `sink` as a host file's range
+   * instead of reading them (block/io.ts preadvToHost); false, with nothing
+   * done, where the node cannot or I/O limits apply (they meter reads).
+   */
+  preadToHost(offsetBytes: number, bytes: number, sink: HostRangeSink): Promise<boolean> {
+    if (this.ioThrottle) return Promise.resolve(false);
+    return this.request(async () => {
+      this.checkByteRequest(offsetBytes, bytes, false);
+      return preadvToHost(this.root, offsetBytes, bytes, sink);
     });
   }
 

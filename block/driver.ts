@@ -15,6 +15,7 @@
  *   coBlockStatus    -> everything is DATA (protocols: at the same offset);
  *                       filters defer to their filtered child
  *   coTruncate       -> ENOTSUP
+ *   coPreadToHost    -> false (the caller reads the range instead)
  *   makeEmpty, changeBackingFile -> ENOTSUP
  *   getInfo          -> a filter's child's answer, else null (unknown)
  *   debugEvent       -> ignored (only blkdebug listens)
@@ -50,6 +51,13 @@ export interface BlockStatusResult {
 }
 
 /** bdrv_get_info: facts a format knows about itself. */
+/**
+ * Takes a range of an open host file where a read would fill a buffer:
+ * `bytes` bytes of descriptor `fd` from `offsetBytes`. The descriptor is only
+ * valid until the returned promise settles; it must not reject.
+ */
+export type HostRangeSink = (fd: number, offsetBytes: number, bytes: number) => Promise<void>;
+
 export interface DriverInfo {
   clusterBytes?: number;
   isDirty?: boolean;
@@ -118,6 +126,14 @@ export interface BlockDriver {
   close?(node: BlockNode): Promise<void>;
   getLength(node: BlockNode): Promise<number>;
   coPreadv(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void>;
+  /**
+   * Hands `bytes` bytes at `offsetBytes` to `sink` as a range of an open host
+   * file instead of reading them into memory (block/io.ts preadvToHost, for
+   * the NBD server's zero-copy READ replies): raw forwards to its file
+   * child, file answers with its descriptor. Resolves false, having done
+   * nothing, where the range is not one plain run of a host file.
+   */
+  coPreadToHost?(node: BlockNode, offsetBytes: number, bytes: number, sink: HostRangeSink): Promise<boolean>;
   coPwritev?(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void>;
   /**
    * Writes `buf` compressed (bdrv_co_pwritev_compressed; Req.WRITE_COMPRESSED
@@ -278,6 +294,7 @@ export type NormalisedDriver = Required<
       readonly pdiscard: boolean;
       readonly blockStatus: boolean;
       readonly truncate: boolean;
+      readonly preadToHost: boolean;
     };
   };
 
@@ -285,6 +302,7 @@ const notSupported = (what: string) => async (): Promise<never> => {
   throw new BlockError('ENOTSUP', `${what}: Operation not supported`);
 };
 const nothing = async (): Promise<void> => {};
+const declineHostRange = async (): Promise<boolean> => false;
 /** One shared no-op, so firing an event at a node that does not listen stays a monomorphic empty call. */
 const ignoreDebugEvent = (): void => {};
 /** Drivers that keep no state for their permissions. */
@@ -319,6 +337,7 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
     setPerm: d.setPerm ?? ignorePerms,
     abortPerm: d.abortPerm ?? ignorePerms,
     debugEvent: d.debugEvent ?? ignoreDebugEvent,
+    coPreadToHost: d.coPreadToHost ?? declineHostRange,
     qapiProblem: d.qapiProblem ?? (() => null),
     has: {
       pwritev: d.coPwritev !== undefined,
@@ -327,6 +346,7 @@ export function normaliseDriver(d: BlockDriver): NormalisedDriver {
       pdiscard: d.coPdiscard !== undefined,
       blockStatus: d.coBlockStatus !== undefined,
       truncate: d.coTruncate !== undefined,
+      preadToHost: d.coPreadToHost !== undefined,
     },
   };
 }

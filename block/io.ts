@@ -43,6 +43,7 @@
 import { BlockError } from './errors.js';
 import { Perm, Req, alignDown, alignUp, isAligned, type Prealloc } from './flags.js';
 import type { BdrvChild, BlockNode } from './node.js';
+import type { HostRangeSink } from './driver.js';
 import { beginTracked, endTracked, markSerialising, waitSerialising, type TrackedRequest } from './tracked.js';
 import { markDirty, resizeDirtyBitmaps } from './dirty-bitmap.js';
 import { copyOnReadClusterBytes, copyOnReadv, type CopyOnReadIo } from './copy-on-read-io.js';
@@ -153,6 +154,26 @@ export async function preadv(child: BdrvChild, offsetBytes: number, buf: Uint8Ar
     const bounce = new Uint8Array(alignUp(offsetBytes + buf.length, align) - start);
     await read(node, start, bounce, flags);
     buf.set(bounce.subarray(offsetBytes - start, offsetBytes - start + buf.length));
+  });
+}
+
+/**
+ * Hands `bytes` bytes at `offsetBytes` of the edge's node to `sink` as a
+ * range of a host file (BlockDriver.coPreadToHost), counted in flight and
+ * tracked like a read, so drains wait for the sink. Resolves false, having
+ * done nothing, where the node cannot: no such driver path, an unaligned
+ * range, or one reaching past the node's end (whose tail reads as zeros).
+ */
+export async function preadvToHost(child: BdrvChild, offsetBytes: number, bytes: number, sink: HostRangeSink): Promise<boolean> {
+  const node = child.node;
+  checkOpen(node);
+  checkRange(offsetBytes, bytes);
+  const align = node.limits.requestAlignment;
+  if (bytes === 0 || !isAligned(offsetBytes, align) || !isAligned(bytes, align)) return false;
+  if (offsetBytes + bytes > node.totalBytes) return false;
+  return inRequest(node, offsetBytes, bytes, async (req) => {
+    await waitSerialising(node, req);
+    return node.driver.coPreadToHost(node, offsetBytes, bytes, sink);
   });
 }
 

@@ -20,7 +20,7 @@
 import { z } from 'zod';
 import { BlockError } from '../block/errors.js';
 import { Perm, Req, Status, isAligned, type Prealloc } from '../block/flags.js';
-import { pdiscard, preadv, pwriteZeroes, pwritev, truncate, SECTOR_BYTES } from '../block/io.js';
+import { pdiscard, preadv, preadvToHost, pwriteZeroes, pwritev, truncate, SECTOR_BYTES } from '../block/io.js';
 import { ChildRole, type BdrvChild, type BlockNode } from '../block/node.js';
 import { defaultChildPerms, type ParentPerms, type PermPair } from '../block/perms.js';
 import { debugEvent } from '../block/debug-event.js';
@@ -127,6 +127,14 @@ export const rawDriver: BlockDriver = {
   coPreadv: (node, offsetBytes, buf, flags) => {
     debugEvent(state(node).file, 'read_aio');
     return preadv(state(node).file, offsetBytes + state(node).offsetBytes, buf, flags);
+  },
+  coPreadToHost: async (node, offsetBytes, bytes, sink) => {
+    const s = state(node);
+    // Only where the file node can: a declined attempt must leave no trace (blkdebug counts events).
+    if (!s.file.node.driver.has.preadToHost) return false;
+    const handled = await preadvToHost(s.file, offsetBytes + s.offsetBytes, bytes, sink);
+    if (handled) debugEvent(s.file, 'read_aio');
+    return handled;
   },
   coPwritev: async (node, offsetBytes, buf, flags) => {
     guardProbedWrite(node, offsetBytes, buf);

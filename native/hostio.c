@@ -92,6 +92,8 @@
 
 #include <node_api.h>
 
+#include "hostio.h"
+
 #if defined(SEEK_DATA) && defined(SEEK_HOLE)
 #define HOSTIO_HAVE_SEEK_DATA 1
 #else
@@ -122,8 +124,9 @@
 
 /* Largest offset or length a JS number carries exactly: 2^53. */
 #define HOSTIO_OFFSET_MAX_BYTES 9007199254740992.0
-/* Arguments of the widest call (fd, offset, length). */
-#define HOSTIO_ARGC_MAX 3
+/* Arguments of the widest call (senderFileRange: sender, id, header, fd,
+ * offset, length). */
+#define HOSTIO_ARGC_MAX 6
 /* Largest alignedBuffer: the block layer's largest request (1 GiB). */
 #define HOSTIO_ALIGNED_BUFFER_MAX_BYTES 1073741824.0
 /* Largest alignment: the block layer's largest request alignment (1 MiB). */
@@ -149,6 +152,7 @@ static const errno_name_t ERRNO_NAMES[] = {
     {ENOSYS, "ENOSYS"}, {EOVERFLOW, "EOVERFLOW"},
     {ENOTSUP, "ENOTSUP"}, {EOPNOTSUPP, "ENOTSUP"}, {EDQUOT, "EDQUOT"},
     {ECANCELED, "ECANCELED"}, {ENOLCK, "ENOLCK"},
+    {EPIPE, "EPIPE"}, {ECONNRESET, "ECONNRESET"}, {ENOTSOCK, "ENOTSOCK"},
 };
 
 static const char *errno_name(int err) {
@@ -189,6 +193,12 @@ static napi_value throw_errno(napi_env env, int err, const char *syscall) {
   return NULL;
 }
 
+const char *hostio_errno_name(int err) { return errno_name(err); }
+
+napi_value hostio_throw_errno(napi_env env, int err, const char *syscall) {
+  return throw_errno(env, err, syscall);
+}
+
 /* ---- argument parsing --------------------------------------------------- */
 
 /* Fetches exactly `want` arguments; throws TypeError when fewer were given. */
@@ -225,6 +235,16 @@ static int get_integer(napi_env env, napi_value value, double max,
   }
   *out = number;
   return 1;
+}
+
+int hostio_get_args(napi_env env, napi_callback_info info, size_t want,
+                    napi_value *argv) {
+  return get_args(env, info, want, argv);
+}
+
+int hostio_get_integer(napi_env env, napi_value value, double max,
+                       const char *what, double *out) {
+  return get_integer(env, value, max, what, out);
 }
 
 static int get_fd(napi_env env, napi_value value, int *fd) {
@@ -653,7 +673,8 @@ NAPI_MODULE_INIT() {
        NULL},
   };
   size_t count = sizeof(functions) / sizeof(functions[0]);
-  if (napi_define_properties(env, exports, count, functions) != napi_ok) {
+  if (napi_define_properties(env, exports, count, functions) != napi_ok ||
+      !sender_define(env, exports)) {
     return NULL;
   }
   return exports;

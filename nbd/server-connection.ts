@@ -41,6 +41,7 @@ import {
 } from './server-requests.js';
 import { Cmd, HandshakeFlag, MAX_BUFFER_BYTES, MAX_REQUESTS_IN_FLIGHT } from './protocol.js';
 import { ReplyWriter } from './reply-writer.js';
+import { openSocketSender } from './socket-sender.js';
 import { encodeGreeting } from './wire-handshake.js';
 import { EXTENDED_REQUEST_BYTES } from './wire-transmission.js';
 import type { NbdServerTls } from './tls.js';
@@ -115,7 +116,7 @@ export class NbdConnection implements ExportClient, ReplySink {
   ) {
     this.stream = socket;
     this.parser = this.newParser();
-    this.writer = new ReplyWriter(socket);
+    this.writer = new ReplyWriter(socket, () => this.destroy());
     this.handshake = new Handshake(this.handshakeHost());
   }
 
@@ -260,6 +261,9 @@ export class NbdConnection implements ExportClient, ReplySink {
     const hs = this.handshake;
     this.transmission = { exp, structured: hs.structured, extended: hs.extended, contexts: hs.contexts, pool: this.host.pool };
     this.parser.enterTransmission(hs.extended);
+    // Plain sockets answer large READs from the host file on a thread of their own.
+    const sender = this.stream === this.socket && this.socket instanceof net.Socket ? openSocketSender(this.socket) : null;
+    if (sender) this.writer.attachSender(sender);
     if (this.host.shuttingDown) this.beginShutdown();
   }
 
@@ -332,6 +336,18 @@ export class NbdConnection implements ExportClient, ReplySink {
     return this.writer.send(parts);
   }
 
+  /** ReplySink: whether `sendFile` frames can go out on this connection. */
+  get sendsFiles(): boolean {
+    return this.writer.sendsFiles;
+  }
+
+  /** ReplySink: a frame of `header` and a host file's range, as `send`. */
+  sendFile(req: ActiveRequest, header: Buffer, fd: number, offsetBytes: number, bytes: number, final: boolean): Promise<void> {
+    if (req.answered) return Promise.resolve();
+    if (final) req.answered = true;
+    return this.writer.sendFile(header, fd, offsetBytes, bytes);
+  }
+
   // ------------------------------------------------------------ ending
 
   /** Graceful shutdown: finish requests in flight, refuse later ones, then close. */
@@ -376,14 +392,18 @@ export class NbdConnection implements ExportClient, ReplySink {
     // Nothing more is parsed: what the client still sends is dropped, not queued.
     this.parser.stop();
     this.writer.close();
-    this.stream.end();
+    // Frames still on the sender's thread go first; then the write side closes.
+    void this.writer.idle().then(() => {
+      this.writer.releaseSender();
+      this.stream.end();
+    });
     // A client that never reads would keep the socket half-open: bound the wait.
     setTimeout(() => this.destroy(), 5_000).unref();
   }
 
   private destroy(): void {
     if (this.phase === 'closed') return;
-    this.writer.close();
+    this.writer.abort();
     this.stream.destroy();
     if (this.stream !== this.socket) this.socket.destroy();
     this.closed();
@@ -394,7 +414,7 @@ export class NbdConnection implements ExportClient, ReplySink {
     this.phase = 'closed';
     if (this.handshakeTimer) clearTimeout(this.handshakeTimer);
     this.parser.stop();
-    this.writer.close();
+    this.writer.abort();
     for (const req of this.inFlight) req.answered = true;
     if (!this.socket.destroyed) this.socket.destroy();
     this.exp?.clients.delete(this);

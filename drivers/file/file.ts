@@ -45,7 +45,7 @@
 import fs from 'node:fs';
 import { BlockError, toBlockError } from '../../block/errors.js';
 import { Req, Status, type Prealloc } from '../../block/flags.js';
-import type { BlockDriver, OpenContext } from '../../block/driver.js';
+import type { BlockDriver, HostRangeSink, OpenContext } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
 import type { BlockGraph } from '../../block/graph.js';
 import { createFile, FILE_CREATE_OPTS, stripFilePrefix } from './create.js';
@@ -204,6 +204,14 @@ async function coPreadv(node: BlockNode, offsetBytes: number, buf: Uint8Array): 
   await preadHost(state(node), offsetBytes, buf);
 }
 
+/** The range as this file's descriptor (buffered opens only: O_DIRECT keeps its own alignment rules). */
+async function coPreadToHost(node: BlockNode, offsetBytes: number, bytes: number, sink: HostRangeSink): Promise<boolean> {
+  const s = state(node);
+  if (s.direct) return false;
+  await sink(s.fh.fd, offsetBytes, bytes);
+  return true;
+}
+
 async function coPwritev(node: BlockNode, offsetBytes: number, buf: Uint8Array): Promise<void> {
   await pwriteHost(state(node), offsetBytes, buf);
 }
@@ -357,6 +365,7 @@ export const fileDriver: BlockDriver = {
   qapiProblem: fileOptionsQapiProblem,
   getLength,
   coPreadv,
+  coPreadToHost,
   coPwritev,
   coPwriteZeroes,
   coPdiscard,

@@ -30,20 +30,19 @@
  * (promise calls) with a TypeError.
  *
  * The choice is memoised in this module: the addon is a process-wide
- * dlopen()ed library, so there is nothing per-node to keep. The environment
- * variable QEMU_BLOCK_TS_NO_NATIVE=1, read on the first call, forces the
- * fallback (tests of the fallback path, or a misbehaving host).
+ * dlopen()ed library (found by block/native-addon.ts), so there is nothing
+ * per-node to keep. The environment variable QEMU_BLOCK_TS_NO_NATIVE=1,
+ * read on the first call, forces the fallback (tests of the fallback path,
+ * or a misbehaving host).
  *
  * sizeBytes() of the addon moves the fd's file position (lseek SEEK_END);
  * the block layer uses positioned I/O only, so nothing restores it.
  */
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { BlockError, toBlockError } from '../../block/errors.js';
 import { isPowerOfTwo } from '../../block/flags.js';
 import { MAX_ALIGNMENT_BYTES, MAX_REQUEST_BYTES } from '../../block/io.js';
+import { hasFunctions, nativeAddon, nativeAddonPath } from '../../block/native-addon.js';
 
 /** Operations on an open host file descriptor. Offsets and lengths in bytes. */
 export interface HostIo {
@@ -96,11 +95,6 @@ export const ALIGNED_BUFFER_MAX_BYTES = MAX_REQUEST_BYTES;
 export const ALIGN_MAX_BYTES = MAX_ALIGNMENT_BYTES;
 /** fsx_extsize is 32 bits wide. */
 export const EXTENT_SIZE_HINT_MAX_BYTES = 2 ** 32 - 1;
-const PACKAGE_NAME = 'qemu-block-ts';
-const ADDON_PATH_IN_PACKAGE = path.join('build', 'Release', 'hostio.node');
-/** Directories walked up from this file; dist/drivers/file needs 3. */
-const PACKAGE_ROOT_SEARCH_DEPTH_MAX = 8;
-const NO_NATIVE_ENV = 'QEMU_BLOCK_TS_NO_NATIVE';
 
 /** The raw addon: same functions (lockKind a call), errors are plain Errors with an errno `.code`. */
 type HostIoAddon = Omit<HostIo, 'native' | 'lockKind'> & { lockKind(): 'ofd' | 'posix' };
@@ -300,41 +294,12 @@ export const fallbackHostIo: HostIo = Object.freeze({
 
 // ---- loading --------------------------------------------------------------
 
-/** Nearest ancestor of `startDir` whose package.json names this package. */
-function findPackageRoot(startDir: string): string | null {
-  let dir = startDir;
-  for (let depth = 0; depth < PACKAGE_ROOT_SEARCH_DEPTH_MAX; depth++) {
-    try {
-      const manifest = JSON.parse(fs.readFileSync(path.join(dir, 'package.json'), 'utf8')) as { name?: unknown };
-      if (manifest.name === PACKAGE_NAME) return dir;
-    } catch {
-      // no (readable) package.json here; keep walking up
-    }
-    const parent = path.dirname(dir);
-    if (parent === dir) return null;
-    dir = parent;
-  }
-  return null;
-}
-
-function isAddon(value: unknown): value is HostIoAddon {
-  const record = value as Record<string, unknown> | null;
-  return typeof record === 'object' && record !== null && ADDON_FUNCTIONS.every((f) => typeof record[f] === 'function');
-}
-
-/** The addon, or null when it was not built (the install script warned) or fails to load. */
+/** The addon, or null when it is missing or lacks the file functions (a warning says so). */
 function tryLoadAddon(): HostIoAddon | null {
-  const root = findPackageRoot(path.dirname(fileURLToPath(import.meta.url)));
-  if (root === null) return null;
-  const addonPath = path.join(root, ADDON_PATH_IN_PACKAGE);
-  if (!fs.existsSync(addonPath)) return null;
-  try {
-    const addon: unknown = createRequire(import.meta.url)(addonPath);
-    if (isAddon(addon)) return addon;
-    process.emitWarning(`${addonPath} lacks the expected functions; using plain I/O`, 'HostIoWarning');
-  } catch (e) {
-    process.emitWarning(`${addonPath} failed to load (${(e as Error).message}); using plain I/O`, 'HostIoWarning');
-  }
+  const addon = nativeAddon();
+  if (addon === null) return null;
+  if (hasFunctions(addon, ADDON_FUNCTIONS)) return addon as unknown as HostIoAddon;
+  process.emitWarning(`${nativeAddonPath()} lacks the expected functions; using plain I/O`, 'HostIoWarning');
   return null;
 }
 
@@ -343,7 +308,7 @@ let loadedHostIo: HostIo | undefined;
 /** The process's HostIo: the addon when built and loadable, else fallbackHostIo. */
 export function loadHostIo(): HostIo {
   if (loadedHostIo === undefined) {
-    const addon = process.env[NO_NATIVE_ENV] === '1' ? null : tryLoadAddon();
+    const addon = tryLoadAddon();
     loadedHostIo = addon === null ? fallbackHostIo : wrapAddon(addon);
   }
   return loadedHostIo;

@@ -1,0 +1,26 @@
+/*
+ * What native/hostio.c and native/sender.c share: errno names and errors in
+ * one shape (a JS Error with .code = the errno name and .syscall), argument
+ * checks, and the sender's registration on the module's exports.
+ */
+#ifndef HOSTIO_H
+#define HOSTIO_H
+
+#include <node_api.h>
+
+/* "EPIPE", "ENOSPC", ...; unknown errnos read as "EIO". */
+const char *hostio_errno_name(int err);
+/* Throws Error("<syscall>: <strerror>") with .code and .syscall; returns NULL. */
+napi_value hostio_throw_errno(napi_env env, int err, const char *syscall);
+/* Fetches exactly `want` (at most 6) arguments; throws TypeError when fewer
+ * were given. 0 on failure. */
+int hostio_get_args(napi_env env, napi_callback_info info, size_t want,
+                    napi_value *argv);
+/* A JS number that is an integer in [0, max]; else a TypeError naming
+ * `what`. 0 on failure. */
+int hostio_get_integer(napi_env env, napi_value value, double max,
+                       const char *what, double *out);
+/* Adds senderOpen, senderFileRange and senderClose to exports; 0 on failure. */
+int sender_define(napi_env env, napi_value exports);
+
+#endif
