@@ -70,6 +70,19 @@ export class BlockGraph {
   /** Every open node, by node name. */
   readonly nodes = new Map<string, BlockNode>();
   private autoNames = 0;
+
+  /**
+   * A name for a node the user did not name (QEMU's id_generate(ID_BLOCK)):
+   * `#block` and a counter shared by every such node, job filters included.
+   * '#' cannot start a user's name, so only an earlier implicit node can
+   * hold it.
+   */
+  implicitNodeName(): string {
+    for (;;) {
+      const name = `#block${String(++this.autoNames).padStart(3, '0')}`;
+      if (!this.nodes.has(name)) return name;
+    }
+  }
   /**
    * Receives warnings the block layer prints. Tools print them on stderr as
    * `prog: warning: message`, or as they are when `verbatim` (QEMU prints
@@ -174,7 +187,7 @@ export class BlockGraph {
     if (forceShare && !readOnly) {
       throw new BlockError('EINVAL', 'force-share=on can only be used with read-only images');
     }
-    const nodeName = name ?? `#block${String(++this.autoNames).padStart(3, '0')}`;
+    const nodeName = name ?? this.implicitNodeName();
     const node = new BlockNode(driver, nodeName, name === undefined, readOnly, flags);
     node.forceShare = forceShare;
     node.probed = inherit.probed ?? false;

@@ -9,7 +9,7 @@
  * edge onto top needs nothing and shares everything (bdrv_commit_top's
  * child_perm). Like mirror_top it is in no driver list (blockdev-add does
  * not know it): `insertCommitTop` builds the node, registers it under
- * `filter-node-name` or an automatic `#commit-topN`, and moves every parent
+ * `filter-node-name` or an automatic `#blockNNN`, and moves every parent
  * of top onto it; `removeCommitTop` moves them back (a failed or cancelled
  * commit) and closes it. After a successful commit the job moves the
  * filter's overlays onto the base itself (bdrv_drop_intermediate), so the
@@ -45,12 +45,9 @@ export const commitTopDriver: BlockDriver = {
 /** The normalised driver, built once (the filter is not in the graph's driver list). */
 const normalisedCommitTop = normaliseDriver(commitTopDriver);
 
-/** Prefix of automatic names ('#' cannot start a user's node name). */
-const IMPLICIT_NAME_PREFIX = '#commit-top';
-
 /** Builds a commit_top node above `top` and moves top's parents onto it (bdrv_append). */
 export async function insertCommitTop(graph: BlockGraph, top: BlockNode, nodeName: string | undefined): Promise<BlockNode> {
-  const name = jobFilterName(graph, nodeName ?? null, IMPLICIT_NAME_PREFIX);
+  const name = jobFilterName(graph, nodeName ?? null);
   const filter = new BlockNode(normalisedCommitTop, name, nodeName === undefined, true, { ...top.openFlags, detectZeroes: 'off' });
   filter.opaque = attachChild(filter, 'backing', ChildRole.FILTERED | ChildRole.PRIMARY, top);
   filter.limits = { ...top.limits };

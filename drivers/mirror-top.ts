@@ -15,7 +15,7 @@
  * driver is in no driver list (blockdev-add and `qemu-img --help` do not
  * know it); `insertMirrorTop` builds the node directly, attaches the
  * source and registers it in the graph under `filter-node-name` or an
- * automatic `#mirror-topN`; the caller then moves the parents. Resizing
+ * automatic `#blockNNN`; the caller then moves the parents. Resizing
  * through the filter is refused (ENOTSUP), as a mirror blocks resize of
  * its source.
  *
@@ -131,24 +131,20 @@ export const mirrorTopDriver: BlockDriver = {
   }),
 };
 
-/** Prefix of automatic filter names ('#' cannot start a user's node name). */
-const IMPLICIT_NAME_PREFIX = '#mirror-top';
-
 /** The normalised driver, built once (the filter is not in the graph's driver list). */
 const normalisedMirrorTop = normaliseDriver(mirrorTopDriver);
 
 /**
  * The node name of a job's filter: the user's `nodeName`, checked as
- * QEMU checks it and refused when taken, or (null) the first free
- * `${implicitPrefix}N`, which no user name can collide with.
+ * QEMU checks it and refused when taken, or (null) the graph's next
+ * implicit `#blockNNN`, as QEMU names an unnamed filter.
  */
-export function jobFilterName(graph: BlockGraph, nodeName: string | null, implicitPrefix: string): string {
-  const reason = nodeName === null ? null : invalidNodeName(nodeName);
+export function jobFilterName(graph: BlockGraph, nodeName: string | null): string {
+  if (nodeName === null) return graph.implicitNodeName();
+  const reason = invalidNodeName(nodeName);
   if (reason) throw new BlockError('EINVAL', reason);
-  let name = nodeName;
-  for (let i = 1; name === null; i++) if (!graph.nodes.has(`${implicitPrefix}${i}`)) name = `${implicitPrefix}${i}`;
-  if (graph.nodes.has(name)) throw new BlockError('EEXIST', `Duplicate nodes with node-name='${name}'`);
-  return name;
+  if (graph.nodes.has(nodeName)) throw new BlockError('EEXIST', `Duplicate nodes with node-name='${nodeName}'`);
+  return nodeName;
 }
 
 /**
@@ -157,7 +153,7 @@ export function jobFilterName(graph: BlockGraph, nodeName: string | null, implic
  * the job is set up. `nodeName` null gives an automatic name.
  */
 export async function insertMirrorTop(graph: BlockGraph, source: BlockNode, nodeName: string | null): Promise<BlockNode> {
-  const name = jobFilterName(graph, nodeName, IMPLICIT_NAME_PREFIX);
+  const name = jobFilterName(graph, nodeName);
   // Read-write whatever the source is, as QEMU opens it (BDRV_O_RDWR): its permissions come from its users.
   const filter = new BlockNode(normalisedMirrorTop, name, nodeName === null, false, {
     ...source.openFlags,

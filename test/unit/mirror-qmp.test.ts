@@ -96,6 +96,20 @@ describe('blockdev-mirror', () => {
   });
 });
 
+describe('implicit filters', () => {
+  it('an unnamed mirror filter gets the next #blockNNN, as QEMU names it', async () => {
+    const { w, user } = await setup();
+    const tgt = await w.graph.openNode({ driver: 'null-co', 'node-name': 'tgt', size: 4 * MiB, 'read-zeroes': true });
+    tgt.userOwned = true;
+    expect(await exec(w, 'blockdev-mirror', { 'job-id': 'j', device: 'src', target: 'tgt', sync: 'full', speed: 1 })).toEqual({});
+    expect(user.node.nodeName).toMatch(/^#block\d+$/);
+    expect(user.node.driver.name).toBe('mirror_top');
+    const job = w.jobs.get('j');
+    job.cancel(true);
+    await finished(job);
+  });
+});
+
 describe('drive-mirror', () => {
   async function driveMirror(sync: string, extra: Record<string, unknown> = {}) {
     const { w, src, user, file } = await setup();
