@@ -6,7 +6,9 @@
  * Reads walk the guest range run by run (cluster.ts): one file read per run
  * of contiguous clusters, backing reads for unallocated runs (zeroes past
  * the backing's end or without one), zeroes for zero clusters, inflation for
- * compressed ones. Cached metadata is used without the lock.
+ * compressed ones. Cached metadata is used without the lock. A range that is
+ * one run of data clusters can also be handed out as a range of the data
+ * file (coPreadToHost).
  *
  * Writes walk it step by step (alloc.ts): in-place steps write the data
  * where it is; allocation steps write data and copy-on-write parts in one
@@ -24,10 +26,10 @@
  */
 import { BlockError } from '../../block/errors.js';
 import { Req, Status } from '../../block/flags.js';
-import { preadv } from '../../block/io.js';
+import { preadv, preadvToHost } from '../../block/io.js';
 import { debugEvent } from '../../block/debug-event.js';
 import { blockStatusAbove } from '../../block/status.js';
-import type { BlockStatusResult } from '../../block/driver.js';
+import type { BlockStatusResult, HostRangeSink } from '../../block/driver.js';
 import type { BlockNode } from '../../block/node.js';
 import { abortAllocation, finishAllocation, finishInplace, inplaceFast, linkAllocation, planWrite, waitFor, type WriteStep } from './alloc.js';
 import { mapRun, mapRunCached, type Run } from './cluster.js';
@@ -94,6 +96,24 @@ export async function readGuest(s: Qcow2State, offsetBytes: number, buf: Uint8Ar
     }
     done += run.bytes;
   }
+}
+
+/**
+ * A guest range that is one run of contiguous data clusters, handed to
+ * `sink` as a range of the data file (BlockDriver.coPreadToHost, for the
+ * NBD server's zero-copy READ replies). Anything else (unallocated, zero
+ * or compressed clusters, a run broken in the file) declines: the caller
+ * reads it as usual.
+ */
+export async function coPreadToHost(node: BlockNode, offsetBytes: number, bytes: number, sink: HostRangeSink): Promise<boolean> {
+  const s = stateOf(node);
+  checkUsable(s);
+  if (!s.file.node.driver.has.preadToHost) return false;
+  const run = await runAt(s, offsetBytes, bytes);
+  if (run.type !== ClusterType.NORMAL || run.bytes < bytes) return false;
+  const handled = await preadvToHost(s.file, run.hostOffset, bytes, sink);
+  if (handled) debugEvent(s.file, 'read_aio');
+  return handled;
 }
 
 /**

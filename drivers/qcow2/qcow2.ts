@@ -33,7 +33,7 @@ import { allocatedFileSize } from '../../block/info.js';
 import type { BlockNode } from '../../block/node.js';
 import { QCOW2_CREATE_OPTS, coCreate } from './create.js';
 import { Compat, HeaderBytes, Incompat, QCOW2_MAGIC, Qcow2Version } from './format.js';
-import { coBlockStatus, coFlushToOs, coPdiscard, coPreadv, coPwriteZeroes, coPwritev } from './io.js';
+import { coBlockStatus, coFlushToOs, coPdiscard, coPreadToHost, coPreadv, coPwriteZeroes, coPwritev } from './io.js';
 import { coPwritevCompressed } from './compress-write.js';
 import { closeQcow2, openQcow2 } from './open.js';
 import { reopenQcow2 } from './reopen.js';
@@ -100,6 +100,7 @@ export function makeQcow2Driver(opts: { repairDirty?: DirtyRepair } = {}): Block
     reopen: reopenQcow2,
     getLength: async (node) => Math.floor(stateOf(node).image.header.virtualBytes / 512) * 512,
     coPreadv,
+    coPreadToHost,
     coPwritev,
     coPwritevCompressed,
     coPwriteZeroes,

@@ -163,6 +163,44 @@ describe.skipIf(!native)('NBD READ replies from the host file', () => {
     }
   });
 
+  it('serves a qcow2 image: data runs from its file, other clusters read as before', async () => {
+    const filename = path.join(dir, `img${++seq}.qcow2`);
+    const graph = testGraph();
+    await graph.createImage('qcow2', filename, new Map([['size', String(FILE_BYTES)]]));
+    const node = await graph.openImage(filename, { format: 'qcow2' });
+    const content = Buffer.alloc(FILE_BYTES);
+    const server = new NbdServer({ log: () => undefined });
+    servers.push(server);
+    const exp = server.createExport(graph, node, { name: '', writable: true });
+    // Data in runs (one whose clusters lie in the file in reverse order), a zeroed cluster, the rest unallocated.
+    for (const [offset, bytes] of [[0, 2 * MiB], [5 * MiB, MiB], [3 * MiB + 64 * KiB, 64 * KiB], [3 * MiB, 64 * KiB]] as const) {
+      const data = randomBytes(bytes);
+      await exp.backend.pwrite(offset, data);
+      data.copy(content, offset);
+    }
+    await exp.backend.pwriteZeroes(MiB, 64 * KiB, 0);
+    content.fill(0, MiB, MiB + 64 * KiB);
+    const preadToHost = vi.spyOn(exp.backend, 'preadToHost');
+    const socket = path.join(dir, `s${seq}.sock`);
+    await server.listen({ type: 'unix', path: socket });
+    const c = await RawNbdClient.connect(socket);
+    clients.push(c);
+    await c.negotiate({ structured: true });
+    const ranges = [
+      { offset: 0, length: MiB },
+      { offset: 512 * KiB, length: MiB },
+      { offset: 4 * MiB + 512 * KiB, length: MiB },
+      { offset: 5 * MiB, length: MiB, flags: CmdFlag.DF },
+      { offset: 3 * MiB, length: 128 * KiB },
+      { offset: 4 * MiB + 512 * KiB, length: MiB, flags: CmdFlag.DF },
+    ];
+    const got = await readAll(c, ranges);
+    ranges.forEach((r, i) => expect(got[i]!.equals(content.subarray(r.offset, r.offset + r.length))).toBe(true));
+    const handled = await Promise.all(preadToHost.mock.results.map((r) => r.value as Promise<boolean>));
+    expect(handled).toContain(true);
+    expect(handled).toContain(false);
+  });
+
   it('pads with zeros where the file shrank under the export', async () => {
     const s = await serve();
     fs.truncateSync(s.filename, FILE_BYTES - 100 * KiB);
