@@ -58,27 +58,29 @@ export interface HostFile {
 type Transfer = (buf: Uint8Array, at: number, bytes: number, offsetBytes: number) => Promise<number>;
 
 /**
- * Under syncIo, transfers of this many bytes or more still go through the
+ * Under syncIo, reads of this many bytes or more still go through the
  * thread pool: there the copy in the kernel dwarfs the hand-off, and several
- * such transfers in flight (convert's workers) run on several cores. NBD
- * clients write 256 KiB requests (nbdcopy, qemu-img): below this bound, an
- * nbdcopy write of 1 GiB into a tmpfs export took 1.41–1.58 s instead of
- * 1.84–2.62 s with the bound at 256 KiB (each pool hand-off cost the event
- * loop ~50 µs there); convert (1 MiB and larger requests) is unaffected and
- * a mirror A/B showed no difference.
+ * such transfers in flight (convert's workers) run on several cores.
  */
-export const SYNC_IO_MAX_BYTES = 512 << 10;
+export const SYNC_READ_MAX_BYTES = 256 << 10;
+
+/**
+ * The same bound for writes, higher: NBD clients write 256 KiB requests
+ * (nbdcopy, qemu-img), and with them on the event loop an nbdcopy write of
+ * 1 GiB into a tmpfs export took 1.41–1.58 s instead of 1.84–2.62 s (each
+ * pool hand-off cost the event loop ~50 µs there). Reads keep the lower
+ * bound: large NBD READs no longer pass through here (nbd/socket-sender.ts),
+ * and convert's reads of 256–512 KiB qcow2 runs gained nothing on the event
+ * loop.
+ */
+export const SYNC_WRITE_MAX_BYTES = 512 << 10;
 
 function transfers(fh: fs.promises.FileHandle, syncIo: boolean, bytes: number): { read: Transfer; write: Transfer } {
-  if (syncIo && bytes < SYNC_IO_MAX_BYTES) {
-    return {
-      read: async (buf, at, bytes, offsetBytes) => fs.readSync(fh.fd, buf, at, bytes, offsetBytes),
-      write: async (buf, at, bytes, offsetBytes) => fs.writeSync(fh.fd, buf, at, bytes, offsetBytes),
-    };
-  }
+  const pooledRead: Transfer = (buf, at, bytes, offsetBytes) => pooled(fs.read, fh.fd, buf, at, bytes, offsetBytes);
+  const pooledWrite: Transfer = (buf, at, bytes, offsetBytes) => pooled(fs.write, fh.fd, buf, at, bytes, offsetBytes);
   return {
-    read: (buf, at, bytes, offsetBytes) => pooled(fs.read, fh.fd, buf, at, bytes, offsetBytes),
-    write: (buf, at, bytes, offsetBytes) => pooled(fs.write, fh.fd, buf, at, bytes, offsetBytes),
+    read: syncIo && bytes < SYNC_READ_MAX_BYTES ? async (buf, at, bytes, offsetBytes) => fs.readSync(fh.fd, buf, at, bytes, offsetBytes) : pooledRead,
+    write: syncIo && bytes < SYNC_WRITE_MAX_BYTES ? async (buf, at, bytes, offsetBytes) => fs.writeSync(fh.fd, buf, at, bytes, offsetBytes) : pooledWrite,
   };
 }
 

@@ -86,7 +86,7 @@ const MEMORY_FS_TYPES: ReadonlySet<number> = new Set([0x01021994, 0x858458f6]);
  * write never waits for a device, and doing it on the calling thread (as
  * under syncIo) costs ~2 µs instead of the thread pool's hand-off and
  * completion (~15 µs of event-loop time per request, measured with NBD at
- * 4 KiB). Large transfers still go to the pool (see SYNC_IO_MAX_BYTES).
+ * 4 KiB). Large transfers still go to the pool (see SYNC_READ_MAX_BYTES, SYNC_WRITE_MAX_BYTES).
  */
 function isMemoryBacked(filename: string): boolean {
   try {
