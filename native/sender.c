@@ -74,6 +74,9 @@
 #define SENDER_ZERO_CHUNK_BYTES 65536
 /* Largest offset or length a JS number carries exactly: 2^53. */
 #define SENDER_OFFSET_MAX_BYTES 9007199254740992.0
+/* The thread's stack: it only loops over system calls (no large locals), so
+ * the default 8 MiB of address space per connection is not needed. */
+#define SENDER_STACK_BYTES (256 * 1024)
 
 typedef struct frame {
   struct frame *next;
@@ -279,6 +282,21 @@ static sender_handle_t *get_handle(napi_env env, napi_value value) {
   return data;
 }
 
+#if SENDER_SUPPORTED
+/* Starts the detached sending thread; 0 or an errno. */
+static int start_thread(sender_t *s) {
+  pthread_t thread;
+  pthread_attr_t attr;
+  int err = pthread_attr_init(&attr);
+  if (err) return err;
+  err = pthread_attr_setstacksize(&attr, SENDER_STACK_BYTES);
+  if (!err) err = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+  if (!err) err = pthread_create(&thread, &attr, sender_main, s);
+  pthread_attr_destroy(&attr);
+  return err;
+}
+#endif
+
 static napi_value sender_open(napi_env env, napi_callback_info info) {
   napi_value argv[2];
   double fd_number;
@@ -314,8 +332,7 @@ static napi_value sender_open(napi_env env, napi_callback_info info) {
   napi_unref_threadsafe_function(env, s->done);
   pthread_mutex_init(&s->lock, NULL);
   pthread_cond_init(&s->wake, NULL);
-  pthread_t thread;
-  int err = pthread_create(&thread, NULL, sender_main, s);
+  int err = start_thread(s);
   if (err) {
     napi_release_threadsafe_function(s->done, napi_tsfn_release);
     close(s->sock_fd);
@@ -325,7 +342,6 @@ static napi_value sender_open(napi_env env, napi_callback_info info) {
     free(h);
     return hostio_throw_errno(env, err, "pthread_create");
   }
-  pthread_detach(thread);
   h->sender = s;
   napi_value external;
   if (napi_create_external(env, h, free_handle, NULL, &external) != napi_ok) {
