@@ -50,7 +50,6 @@ export interface BlockStatusResult {
   file?: BlockNode;
 }
 
-/** bdrv_get_info: facts a format knows about itself. */
 /**
  * Takes a range of an open host file where a read would fill a buffer:
  * `bytes` bytes of descriptor `fd` from `offsetBytes`. The descriptor is only
@@ -58,6 +57,7 @@ export interface BlockStatusResult {
  */
 export type HostRangeSink = (fd: number, offsetBytes: number, bytes: number) => Promise<void>;
 
+/** bdrv_get_info: facts a format knows about itself. */
 export interface DriverInfo {
   clusterBytes?: number;
   isDirty?: boolean;
@@ -130,8 +130,9 @@ export interface BlockDriver {
    * Hands `bytes` bytes at `offsetBytes` to `sink` as a range of an open host
    * file instead of reading them into memory (block/io.ts preadvToHost, for
    * the NBD server's zero-copy READ replies): raw forwards to its file
-   * child, file answers with its descriptor. Resolves false, having done
-   * nothing, where the range is not one plain run of a host file.
+   * child, qcow2 a run of contiguous data clusters to its data file, file
+   * answers with its descriptor. Resolves false, having done nothing, where
+   * the range is not one plain run of a host file.
    */
   coPreadToHost?(node: BlockNode, offsetBytes: number, bytes: number, sink: HostRangeSink): Promise<boolean>;
   coPwritev?(node: BlockNode, offsetBytes: number, buf: Uint8Array, flags: number): Promise<void>;

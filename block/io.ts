@@ -169,7 +169,7 @@ export async function preadvToHost(child: BdrvChild, offsetBytes: number, bytes:
   checkOpen(node);
   checkRange(offsetBytes, bytes);
   const align = node.limits.requestAlignment;
-  if (bytes === 0 || !isAligned(offsetBytes, align) || !isAligned(bytes, align)) return false;
+  if (!node.driver.has.preadToHost || bytes === 0 || !isAligned(offsetBytes, align) || !isAligned(bytes, align)) return false;
   if (offsetBytes + bytes > node.totalBytes) return false;
   return inRequest(node, offsetBytes, bytes, async (req) => {
     await waitSerialising(node, req);

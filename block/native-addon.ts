@@ -22,7 +22,7 @@ const PACKAGE_NAME = 'qemu-block-ts';
 const ADDON_PATH_IN_PACKAGE = path.join('build', 'Release', 'hostio.node');
 /** Directories walked up from this file; dist/block needs 2. */
 const PACKAGE_ROOT_SEARCH_DEPTH_MAX = 8;
-export const NO_NATIVE_ENV = 'QEMU_BLOCK_TS_NO_NATIVE';
+const NO_NATIVE_ENV = 'QEMU_BLOCK_TS_NO_NATIVE';
 
 /** Nearest ancestor of `startDir` whose package.json names this package. */
 function findPackageRoot(startDir: string): string | null {

@@ -130,8 +130,7 @@ export const rawDriver: BlockDriver = {
   },
   coPreadToHost: async (node, offsetBytes, bytes, sink) => {
     const s = state(node);
-    // Only where the file node can: a declined attempt must leave no trace (blkdebug counts events).
-    if (!s.file.node.driver.has.preadToHost) return false;
+    // The event only for a range really handed out: blkdebug counts them.
     const handled = await preadvToHost(s.file, offsetBytes + s.offsetBytes, bytes, sink);
     if (handled) debugEvent(s.file, 'read_aio');
     return handled;

@@ -75,13 +75,16 @@ export const SYNC_READ_MAX_BYTES = 256 << 10;
  */
 export const SYNC_WRITE_MAX_BYTES = 512 << 10;
 
-function transfers(fh: fs.promises.FileHandle, syncIo: boolean, bytes: number): { read: Transfer; write: Transfer } {
-  const pooledRead: Transfer = (buf, at, bytes, offsetBytes) => pooled(fs.read, fh.fd, buf, at, bytes, offsetBytes);
-  const pooledWrite: Transfer = (buf, at, bytes, offsetBytes) => pooled(fs.write, fh.fd, buf, at, bytes, offsetBytes);
-  return {
-    read: syncIo && bytes < SYNC_READ_MAX_BYTES ? async (buf, at, bytes, offsetBytes) => fs.readSync(fh.fd, buf, at, bytes, offsetBytes) : pooledRead,
-    write: syncIo && bytes < SYNC_WRITE_MAX_BYTES ? async (buf, at, bytes, offsetBytes) => fs.writeSync(fh.fd, buf, at, bytes, offsetBytes) : pooledWrite,
-  };
+/** How a read of `bytes` bytes moves: on the calling thread under syncIo when small, else in the pool. */
+function readTransfer(fh: fs.promises.FileHandle, syncIo: boolean, bytes: number): Transfer {
+  if (syncIo && bytes < SYNC_READ_MAX_BYTES) return async (buf, at, n, offsetBytes) => fs.readSync(fh.fd, buf, at, n, offsetBytes);
+  return (buf, at, n, offsetBytes) => pooled(fs.read, fh.fd, buf, at, n, offsetBytes);
+}
+
+/** How a write of `bytes` bytes moves (see readTransfer). */
+function writeTransfer(fh: fs.promises.FileHandle, syncIo: boolean, bytes: number): Transfer {
+  if (syncIo && bytes < SYNC_WRITE_MAX_BYTES) return async (buf, at, n, offsetBytes) => fs.writeSync(fh.fd, buf, at, n, offsetBytes);
+  return (buf, at, n, offsetBytes) => pooled(fs.write, fh.fd, buf, at, n, offsetBytes);
 }
 
 /**
@@ -197,7 +200,7 @@ export async function readFull(
   direct: boolean,
   syncIo = false,
 ) {
-  const { read } = transfers(fh, syncIo, buf.length);
+  const read = readTransfer(fh, syncIo, buf.length);
   for (let done = 0; done < buf.length; ) {
     let bytesRead: number;
     try {
@@ -216,7 +219,7 @@ export async function readFull(
 
 /** Writes all of buf at offsetBytes. */
 export async function writeFull(fh: fs.promises.FileHandle, buf: Uint8Array, offsetBytes: number, syncIo = false) {
-  const { write } = transfers(fh, syncIo, buf.length);
+  const write = writeTransfer(fh, syncIo, buf.length);
   for (let done = 0; done < buf.length; ) {
     let bytesWritten: number;
     try {

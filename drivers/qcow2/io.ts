@@ -108,7 +108,6 @@ export async function readGuest(s: Qcow2State, offsetBytes: number, buf: Uint8Ar
 export async function coPreadToHost(node: BlockNode, offsetBytes: number, bytes: number, sink: HostRangeSink): Promise<boolean> {
   const s = stateOf(node);
   checkUsable(s);
-  if (!s.file.node.driver.has.preadToHost) return false;
   const run = await runAt(s, offsetBytes, bytes);
   if (run.type !== ClusterType.NORMAL || run.bytes < bytes) return false;
   const handled = await preadvToHost(s.file, run.hostOffset, bytes, sink);
