@@ -7,7 +7,8 @@
 //     to raw and to qcow2 (cost must follow the data, not the 1 TiB).
 // Each row runs both tools once per round, interleaved, and prints medians,
 // min–max, the median per-round ratio (ours/peer; < 1 is faster) and peak
-// RSS. Outputs are checked once per side against the input with
+// RSS. Each timed run starts after a sync and on freshly freed memory
+// (lib.mjs settleWriteback, warmFreePages). Outputs are checked once per side against the input with
 // `qemu-img compare`.
 //
 //   node bench/convert.mjs [--runs 5] [--disk-dir /var/tmp] [--only tmpfs|disk|sparse]

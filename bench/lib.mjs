@@ -47,6 +47,8 @@ export function runRows(rows, rounds) {
       for (const side of round % 2 ? ['peer', 'ours'] : ['ours', 'peer']) {
         row.setup?.(side, round);
         const spec = row[side]();
+        settleWriteback();
+        warmFreePages();
         const { argv, input } = Array.isArray(spec) ? { argv: spec } : spec;
         const m = measure(argv, { input });
         samples[i][side].push(m.seconds);
@@ -74,6 +76,45 @@ export function printTable(title, results, { rounds, unit = 's' } = {}) {
     console.log(
       `| ${r.name} | ${f(r.ours.median)} ${unit} (${f(r.ours.min)}–${f(r.ours.max)}) | ${f(r.peer.median)} ${unit} (${f(r.peer.min)}–${f(r.peer.max)}) | ${r.ratio.toFixed(2)} | ${r.ours.rss.toFixed(0)} / ${r.peer.rss.toFixed(0)} MiB |`,
     );
+  }
+}
+
+/**
+ * Writes back every dirty page (sync(1)) before a timed run, so that the
+ * kernel's writeback of the previous run's output (the disk rows: up to
+ * 1 GiB on ext4) does not land in the next run's time, whichever side that is.
+ */
+export function settleWriteback() {
+  spawnSync('sync');
+}
+
+/** What warmFreePages writes by default: more than any row here allocates in one run. */
+export const WARM_BYTES = 1 << 30;
+const WARM_CHUNK_BYTES = 8 << 20;
+
+/**
+ * Makes the next run's new pages ones the host still backs. This VM's
+ * guest reports freed memory to its host (free page reporting,
+ * page_reporting_order=11 on its kernel command line), which discards it;
+ * the first touch of such a page afterwards costs a host fault. Writing
+ * 512 MiB into a new tmpfs file took 0.17–0.23 s on pages freed a moment
+ * before and 0.4–1.6 s on pages freed seconds before (a C loop of 2 MiB
+ * pwrites), and which of the two a timed run met was luck that dwarfed the
+ * tools' own differences. Called right before each timed run of either
+ * side: it writes and deletes a file of `bytes` on /dev/shm, leaving that
+ * much freshly freed memory for the run (reporting waits ~2 s) — the state
+ * of a machine without reporting. BENCH_WARM_PAGES=0 turns it off.
+ */
+export function warmFreePages(bytes = WARM_BYTES) {
+  if (process.env.BENCH_WARM_PAGES === '0') return;
+  const file = path.join('/dev/shm', `qbt-bench-warm-${process.pid}`);
+  const chunk = Buffer.alloc(WARM_CHUNK_BYTES, 0x5a);
+  const fd = fs.openSync(file, 'w');
+  try {
+    for (let at = 0; at < bytes; at += chunk.length) fs.writeSync(fd, chunk, 0, chunk.length, at);
+  } finally {
+    fs.closeSync(fd);
+    fs.rmSync(file, { force: true });
   }
 }
 

@@ -11,7 +11,8 @@
 // Timed: from `blockdev-mirror` to BLOCK_JOB_COMPLETED (READY, then
 // job-complete at once). Printed: medians with min–max, the median
 // per-round ratio ours/qemu (≤ 1: we are at least as fast) and the daemons'
-// peak RSS (VmHWM). Every target is checked with `qemu-img compare` against
+// peak RSS (VmHWM). Each daemon starts on freshly freed memory (lib.mjs
+// warmFreePages). Every target is checked with `qemu-img compare` against
 // the source after the daemon quit (the writer's data included).
 //
 //   node bench/mirror.mjs [--runs 3] [--size-mib 1024] [--writer-mib-s 32] [--sides ours,qemu]
@@ -34,7 +35,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { connectQmp } from '../scripts/qmp.mjs';
-import { ROOT, runSides, scratch } from './lib.mjs';
+import { ROOT, runSides, scratch, warmFreePages } from './lib.mjs';
 
 const { values } = parseArgs({
   options: {
@@ -156,6 +157,7 @@ async function mirrorOnce(side, withWriter, round) {
   execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', pristine, shadow]);
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', tgt, String(sizeBytes)]);
   for (const f of [qmpSock, nbdSock]) fs.rmSync(f, { force: true });
+  warmFreePages();
   const [cmd, ...args] = [...(process.env.MIRROR_BENCH_WRAP ?? '').split(' ').filter(Boolean), ...DAEMONS[side]];
   const child = spawn(cmd, [...args, '--chardev', `socket,path=${qmpSock},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'], {
     stdio: ['ignore', 'ignore', 'inherit'],

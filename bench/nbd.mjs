@@ -6,7 +6,8 @@
 //     1 GiB file into it (with --flush), with 1 and 4 connections;
 //   - fio's nbd engine, random reads of 4 KiB and 64 KiB at iodepth 16.
 // Every measurement starts its server, waits until it answers, runs the
-// client, reads the server's peak RSS (VmHWM) and stops it by PID; rows are
+// client, reads the server's peak RSS (VmHWM) and stops it by PID (on
+// freshly freed memory: lib.mjs warmFreePages); rows are
 // measured once per side per round, rounds interleaved with the side order
 // rotated. Printed: throughput medians (MiB/s) with min–max, the median
 // per-round ratio ours/qemu-nbd (≥ 1: we are at least as fast), ours/nbdkit
@@ -27,7 +28,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
-import { ROOT, measure, runSides, scratch } from './lib.mjs';
+import { ROOT, measure, runSides, scratch, warmFreePages } from './lib.mjs';
 
 const { values } = parseArgs({
   options: {
@@ -151,6 +152,7 @@ function row(name, transport, client, throughput, check) {
   return {
     name,
     async run(side, round) {
+      warmFreePages();
       const server = await startServer(side, transport);
       let m;
       try {
