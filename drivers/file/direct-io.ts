@@ -111,15 +111,21 @@ function pooled(
 export const SERIAL_WRITE_MIN_BYTES = 256 << 10;
 
 /**
- * A file's large buffered writes in flight at once: one copying and one
- * waiting at the lock, so the next starts the moment the first ends.
- * Measured (tmpfs, 512 MiB in 1 MiB writes): the same wall time with 1, 2,
- * 4 or 16 in flight and 340 / 460 / 590 / 490 ms of CPU; but with one, an
- * NBD server busy on its event loop leaves the file idle between writes
- * (nbdcopy writes ~15% slower), and with no limit spinning writers hold
- * every pool thread, so reads of other files wait behind them (mirror).
+ * A file's large buffered writes in flight at once: one copying and the
+ * rest waiting at the inode lock, so the next starts the moment one ends
+ * even when the event loop is slow to hand out the next.
+ * Measured: with one, an NBD server busy on its event loop left the file
+ * idle between writes (nbdcopy ~15% slower); with two, a mirror of 512 MiB
+ * of data between qcow2 images on tmpfs took a median 356 ms, with three
+ * 360, four 328, eight 333 (12 interleaved rounds on warm pages, see
+ * bench/lib.mjs warmFreePages; qemu-storage-daemon 298): the event loop,
+ * busy with the job between completions, often reached the next write only
+ * after the lock had gone idle. Convert (one write at a time, in order) is
+ * the same with two or four. With no limit, writers spinning on the lock
+ * (rwsem_spin_on_owner) would take more of libuv's pool than its four
+ * threads, and reads of other files would queue behind them.
  */
-export const SERIAL_WRITES_IN_FLIGHT = 2;
+export const SERIAL_WRITES_IN_FLIGHT = 4;
 
 /**
  * The lane of a file's large buffered writes. The kernel's buffered write
