@@ -72,18 +72,6 @@ export class BlockGraph {
   private autoNames = 0;
 
   /**
-   * A name for a node the user did not name (QEMU's id_generate(ID_BLOCK)):
-   * `#block` and a counter shared by every such node, job filters included.
-   * '#' cannot start a user's name, so only an earlier implicit node can
-   * hold it.
-   */
-  implicitNodeName(): string {
-    for (;;) {
-      const name = `#block${String(++this.autoNames).padStart(3, '0')}`;
-      if (!this.nodes.has(name)) return name;
-    }
-  }
-  /**
    * Receives warnings the block layer prints. Tools print them on stderr as
    * `prog: warning: message`, or as they are when `verbatim` (QEMU prints
    * a few, like raw's probing warning, with fprintf rather than warn_report),
@@ -104,6 +92,19 @@ export class BlockGraph {
 
   constructor(drivers: readonly BlockDriver[]) {
     for (const d of drivers) this.drivers.set(d.name, normaliseDriver(d));
+  }
+
+  /**
+   * A name for a node the user did not name (QEMU's id_generate(ID_BLOCK)):
+   * `#block` and a counter shared by every such node, job filters included.
+   * '#' cannot start a user's name, so only an earlier implicit node can
+   * hold it.
+   */
+  implicitNodeName(): string {
+    for (;;) {
+      const name = `#block${String(++this.autoNames).padStart(3, '0')}`;
+      if (!this.nodes.has(name)) return name;
+    }
   }
 
   driverNames(): string[] {
