@@ -15,7 +15,9 @@
  * A first pass sums the sectors to copy, for progress. Then `parallel`
  * workers claim runs in order (at most bufSectors each) under one lock,
  * read them concurrently and, unless outOfOrder, write them in order, so
- * that a target format allocates its clusters sequentially.
+ * that a target format allocates its clusters sequentially; a run's write
+ * may start before the previous one is done where that cannot change the
+ * layout (passesTurnOnIssue).
  *
  * Cost grows with the data: unallocated and zero runs are never read, and
  * a run of any length is one block-status answer. Memory: one buffer of
@@ -81,6 +83,7 @@ export interface ConvertPlan {
   targetBackingSectors: number;
   /** -c: whole clusters written with WRITE_COMPRESSED. */
   compressed: boolean;
+  /** The target's cluster size (0: none, as raw or a protocol): compressed writes and the in-order rule use it. */
   clusterSectors: number;
   bufSectors: number;
   parallel: number;
@@ -129,6 +132,8 @@ class ConvertState {
   /** End of the last in-order write. */
   private writtenSector = 0;
   private readonly writeWaiters = new Map<number, () => void>();
+  /** In-order writes still running whose turn was passed on issue (passesTurnOnIssue). */
+  private readonly overlapping = new Set<Promise<void>>();
   private iterating: Promise<unknown> = Promise.resolve();
   private failure: unknown = null;
   private readonly rate: RateLimit;
@@ -269,10 +274,52 @@ class ConvertState {
       }
       // The zero scan runs before this worker's turn, off the in-order writes' critical path.
       const pieces = this.failure === null ? this.split(sector, n, data, status) : [];
-      if (!this.plan.outOfOrder) await this.waitTurn(sector);
-      if (this.failure === null) await this.guard(() => this.write(sector, data, pieces));
-      if (!this.plan.outOfOrder) this.passTurn(sector + n);
+      const inOrder = !this.plan.outOfOrder;
+      if (inOrder) await this.waitTurn(sector);
+      if (inOrder && pieces.some((p) => p.kind === 'zero')) await Promise.all(this.overlapping);
+      const writing = this.failure === null ? this.guard(() => this.write(sector, data, pieces)) : undefined;
+      const early = inOrder && this.passesTurnOnIssue(sector, n, pieces);
+      if (early && writing) this.overlap(writing);
+      if (early) this.passTurn(sector + n);
+      await writing;
+      if (inOrder && !early) this.passTurn(sector + n);
     }
+  }
+
+  /**
+   * Whether the next run may start writing before this run's write is
+   * done. qemu-img always waits, which only keeps a format's clusters
+   * allocated in guest order. So: always for a target without clusters
+   * (raw, a protocol: qcow2 → raw on tmpfs, 1 GiB, median 0.45 s against
+   * 0.49 s in 10 interleaved rounds). For a format,
+   * when this run is a single data write of whole clusters (not
+   * compressed): the format reserves its clusters as it takes the request,
+   * and requests that share no cluster are taken in the order they are
+   * issued, so the next run's clusters still come after this one's (as
+   * qemu-img, which waits, allocates them). A run that ends inside a
+   * cluster keeps the wait: the next run's write would wait for this one's
+   * cluster, and a third could overtake it. (raw → qcow2 on tmpfs, 1 GiB:
+   * medians 0.48 / 0.47 s against 0.52 / 0.60 s, two sets of 10 rounds.)
+   */
+  private passesTurnOnIssue(sector: number, n: number, pieces: readonly Piece[]): boolean {
+    const cluster = this.plan.clusterSectors;
+    if (cluster <= 0) return true;
+    if (this.plan.compressed || pieces.length !== 1 || pieces[0]!.kind !== 'data') return false;
+    const end = sector + n;
+    return sector % cluster === 0 && (end % cluster === 0 || end === this.totalSectors);
+  }
+
+  /**
+   * Tracks a write whose turn passed on issue until it is done. A run with
+   * zeroes waits for all of them first: zeroing a format's clusters changes
+   * only its metadata, which cannot fail now but is written at close; ahead
+   * of a data write that fails, it would be a change qemu-img (which stops
+   * at the failure) never makes, and a close that fails on it too reports
+   * one more error than qemu-img's.
+   */
+  private overlap(writing: Promise<void>): void {
+    this.overlapping.add(writing);
+    void writing.then(() => this.overlapping.delete(writing));
   }
 
   private async guard(body: () => Promise<void>): Promise<void> {
@@ -285,7 +332,9 @@ class ConvertState {
   }
 
   private fail(e: unknown): void {
-    this.failure ??= e;
+    // Writes that overlap (passesTurnOnIssue) may fail out of order; the earliest is
+    // the one qemu-img, which writes one run at a time, would have met and reported.
+    if (this.failure === null || isEarlierWriteFailure(e, this.failure)) this.failure = e;
     for (const wake of this.writeWaiters.values()) wake();
     this.writeWaiters.clear();
   }
@@ -393,6 +442,12 @@ class ConvertState {
     if (waitMs > 0) await new Promise((resolve) => setTimeout(resolve, waitMs));
   }
 
+}
+
+/** Whether `e` is a failed write at a lower offset than the failed write `than`. */
+function isEarlierWriteFailure(e: unknown, than: unknown): boolean {
+  if (!(e instanceof ConvertError) || !(than instanceof ConvertError)) return false;
+  return e.phase === 'write' && than.phase === 'write' && e.offsetBytes < than.offsetBytes;
 }
 
 function asBlockError(e: unknown): BlockError {
