@@ -28,7 +28,7 @@ import type { BlockNode } from '../../block/node.js';
 import { bitmapsCopyRefusal, copyPersistentBitmaps, supportsPersistentBitmaps } from '../../block/dirty-bitmap-ops.js';
 import { loadSnapshotTmp, type SnapshotRef } from '../../block/snapshot-tmp.js';
 import { SECTOR_BYTES } from '../../block/zero-scan.js';
-import { CliError } from '../cli-common.js';
+import { CliError, CliExit } from '../cli-common.js';
 import { strtolWhole } from '../io/args.js';
 import { applyCacheMode, defaultOpenSettings, type OpenSettings } from '../io/open.js';
 import { commonOption, commonOptions, cvtnum, declareCommand, type ImgCommand, type ImgContext } from './command.js';
@@ -360,18 +360,30 @@ async function copy(
   progress: ProgressLike,
 ): Promise<void> {
   const backend = new BlockBackend(graph, target, { writable: true });
+  let failed = false;
   try {
     await convertCopy(copyPlan(a, readers, backend, hasBacking, progress, (m) => graph.onWarning(m)));
     // While the backend still holds the target: closing it closes the node, which writes the bitmaps.
     if (a.bitmaps) await copyBitmaps(graph, a, sources[0]!, target);
   } catch (e) {
+    failed = true;
     if (!(e instanceof ConvertError)) throw e;
-    const verb = e.phase === 'write' ? 'writing' : 'reading';
-    if (e.phase === 'status') throw new CliError(`error while reading block status at offset ${e.offsetBytes}: ${strerror(e.code)}`);
-    throw new CliError(`error while ${verb} at byte ${e.offsetBytes}: ${strerror(e.code)}`);
+    // Reported at once, as qemu-img does, before the target's close reports its own failures.
+    graph.onWarning(copyFailureText(e), { error: true });
+    throw new CliExit(1);
   } finally {
-    await backend.close();
+    // A target that failed the copy often fails its close too (the same ENOSPC): the
+    // close reports what it could not write, and the copy's failure stays the one that counts.
+    await backend.close().catch((e: unknown) => {
+      if (!failed) throw e;
+    });
   }
+}
+
+/** qemu-img's words for a failed copy. */
+function copyFailureText(e: ConvertError): string {
+  if (e.phase === 'status') return `error while reading block status at offset ${e.offsetBytes}: ${strerror(e.code)}`;
+  return `error while ${e.phase === 'write' ? 'writing' : 'reading'} at byte ${e.offsetBytes}: ${strerror(e.code)}`;
 }
 
 /** The plan of the copy: the target's limits and zero initialisation decide its shape. */

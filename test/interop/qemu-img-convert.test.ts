@@ -221,6 +221,24 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts convert agains
     }
   });
 
+  it('a target that fails its writes: the copy error first, then what its close could not write, as qemu-img', async () => {
+    // blkdebug on the target's file: every request after the first data write fails (ENOSPC), or only that write (EIO, once).
+    const rules = [
+      ['file.inject-error.0.errno=28', 'file.inject-error.0.immediately=on'],
+      ['file.inject-error.0.errno=5', 'file.inject-error.0.once=on', 'file.inject-error.0.immediately=on'],
+    ];
+    for (const rule of rules) {
+      const target = (name: string) =>
+        ['driver=qcow2', 'file.driver=blkdebug', `file.image.filename=${name}`, 'file.inject-error.0.event=write_aio', ...rule].join(',');
+      const args = (name: string) => ['convert', '-n', '-f', 'raw', '--target-image-opts', 'src.raw', target(name)];
+      for (const name of ['fail-peer.qcow2', 'fail-ours.qcow2']) qemuImg('create', '-q', '-f', 'qcow2', name, '16M');
+      const want = await run('qemu-img', args('fail-peer.qcow2'), { cwd: dir });
+      const got = await runOurs('qemu-img-ts', args('fail-ours.qcow2'), { cwd: dir });
+      expect(want.code).toBe(1);
+      expect({ code: got.code, stdout: got.stdout, stderr: got.stderr }).toEqual({ code: want.code, stdout: want.stdout, stderr: want.stderr });
+    }
+  });
+
   it('-r limits the write bandwidth (3 MiB of data at 2 MiB/s take over a second)', async () => {
     const started = performance.now();
     const got = await runOurs('qemu-img-ts', ['convert', '-r', '2M', '-O', 'raw', 'src.raw', 'rate-ours.raw'], { cwd: dir });
