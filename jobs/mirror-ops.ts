@@ -11,9 +11,11 @@
  * every wake-up, and claims in the same synchronous step as its last
  * check (`claim`; another waiter may claim between two awaits).
  *
- * Bytes are counted separately for copy ops (`copyBytes`, bounded by the
- * job's buf-size) and active writes (`activeBytes`), as QEMU's progress
- * uses both. `onEnd` wakes the job loop whenever an op ends.
+ * Bytes are counted separately for copy ops (`copyBytes`) and active
+ * writes (`activeBytes`), as QEMU's progress uses both; `bufferBytes` is
+ * what copy ops reserve of the job's buf-size (ops over zero runs reserve
+ * none, as QEMU's zero and discard ops take no buffer). `onEnd` wakes the
+ * job loop whenever an op ends.
  *
  * CopyBuffers keeps the copy ops' buffers for reuse (see below).
  */
@@ -24,6 +26,8 @@ export interface MirrorOp {
   readonly offsetBytes: number;
   readonly bytes: number;
   readonly active: boolean;
+  /** Copy buffer bytes the op reserves (0: active writes, zero runs). */
+  readonly bufferBytes: number;
   readonly done: Promise<void>;
   finish(): void;
 }
@@ -33,6 +37,7 @@ export class InFlightOps {
   copyBytes = 0;
   activeBytes = 0;
   copyCount = 0;
+  bufferBytes = 0;
 
   constructor(
     private readonly granularityBytes: number,
@@ -73,18 +78,19 @@ export class InFlightOps {
     for (let op = this.conflicting(offsetBytes, bytes); op; op = this.conflicting(offsetBytes, bytes)) await op.done;
   }
 
-  /** Claims the range; the caller has just seen no conflict. */
-  begin(offsetBytes: number, bytes: number, active: boolean): MirrorOp {
+  /** Claims the range; the caller has just seen no conflict. Copy ops reserve `bufferBytes` (default: all their bytes). */
+  begin(offsetBytes: number, bytes: number, active: boolean, bufferBytes = active ? 0 : bytes): MirrorOp {
     invariant(!this.conflicting(offsetBytes, bytes), 'mirror op claimed an occupied range');
     let finish!: () => void;
     const done = new Promise<void>((resolve) => (finish = resolve));
-    const op: MirrorOp = { offsetBytes, bytes, active, done, finish };
+    const op: MirrorOp = { offsetBytes, bytes, active, bufferBytes, done, finish };
     this.ops.add(op);
     if (active) this.activeBytes += bytes;
     else {
       this.copyBytes += bytes;
       this.copyCount++;
     }
+    this.bufferBytes += bufferBytes;
     return op;
   }
 
@@ -104,6 +110,7 @@ export class InFlightOps {
       this.copyBytes -= op.bytes;
       this.copyCount--;
     }
+    this.bufferBytes -= op.bufferBytes;
     op.finish();
     this.onEnd();
   }
@@ -125,7 +132,7 @@ export class CopyBuffers {
   private readonly idle: Uint8Array[] = [];
 
   constructor(
-    private readonly capacityBytes: number,
+    readonly capacityBytes: number,
     private readonly keepMax: number,
   ) {}
 

@@ -41,8 +41,9 @@
  * source's chain allocates is dirty; any other target gets the whole
  * length dirty (copied: zero areas as write-zeroes). Then initial dirtying
  * by mode (mirror-dirty.ts; its cost grows with the allocated data, not
- * the virtual size), then the copy loop: up
- * to IN_FLIGHT_MAX ops of at most IO_MAX_BYTES, buf-size bytes in all,
+ * the virtual size), then the copy loop: up to IN_FLIGHT_MAX ops, data
+ * ops of at most IO_MAX_BYTES with buf-size bytes of buffers in all, a
+ * run without data one op of up to buf-size (QEMU's mirror_iteration),
  * each claiming its range and clearing its granules before reading (a
  * write landing meanwhile dirties them again), choosing by block status
  * through the source's chain: zero → write zeroes (MAY_UNMAP with unmap,
@@ -91,7 +92,7 @@ import { flush, pdiscard, preadv, pwriteZeroes, pwritev, truncate } from '../blo
 import { BlockNode, detachChild, type BdrvChild } from '../block/node.js';
 import { createDirtyBitmap, defaultBitmapGranularity, releaseDirtyBitmap, type DirtyBitmap } from '../block/dirty-bitmap.js';
 import { drainedBegin, drainedEnd } from '../block/drain.js';
-import { blockStatusAbove } from '../block/status.js';
+import { blockStatusAbove, type ChainStatusResult } from '../block/status.js';
 import { moveParents, replaceNode } from '../block/replace.js';
 import { backingChainNext, changeBackingFile, openStoredBacking, setBackingNode } from '../block/chain.js';
 import { reopenSetReadOnly } from '../block/reopen.js';
@@ -206,6 +207,9 @@ export class Mirror implements JobDriver, MirrorTopHooks {
   private failure: BlockError | null = null;
   private retryDelayDue = false;
   private cursorBytes = 0;
+  /** A run of source data zeroRunBytes saw last, [start, end): ops inside it are sized as data without asking. */
+  private knownDataStartBytes = 0;
+  private knownDataEndBytes = 0;
   private readonly bufBytes: number;
   /** Copy buffers, reused from op to op (allocating 1 MiB per op costs zero-fill and GC). */
   private readonly buffers: CopyBuffers;
@@ -381,7 +385,7 @@ export class Mirror implements JobDriver, MirrorTopHooks {
   }
 
   private roomForCopy(): boolean {
-    return this.ops.copyCount < IN_FLIGHT_MAX && this.ops.copyBytes < this.bufBytes;
+    return this.ops.copyCount < IN_FLIGHT_MAX && this.ops.bufferBytes < this.bufBytes;
   }
 
   /** Waits for an op to end, a guest write, a verb, or a poll interval (one waiter at a time: memory stays flat). */
@@ -421,32 +425,71 @@ export class Mirror implements JobDriver, MirrorTopHooks {
     if (start < 0) start = this.bitmap.nextDirty(0);
     if (start < 0) return 0;
     start = alignDown(start, g);
+    const zeroRunBytes = this.inKnownData(start) ? 0 : await this.zeroRunBytes(start);
     await this.ops.waitConflicts(start, g);
-    // Re-check after the wait: an active write may have claimed the granule since.
+    // Re-check after the waits: an active write may have claimed the granule since.
     if (!this.bitmap.isDirty(start) || !this.roomForCopy() || this.ops.conflicting(start, g)) return 0;
-    const maxBytes = Math.max(g, Math.min(IO_MAX_BYTES, this.bufBytes - this.ops.copyBytes));
+    const zeroRun = zeroRunBytes >= g;
+    const maxBytes = zeroRun ? Math.min(zeroRunBytes, this.bufBytes) : Math.max(g, Math.min(IO_MAX_BYTES, this.bufBytes - this.ops.bufferBytes));
     const size = this.bitmap.sizeBytes;
     // The dirty run from `start`, cut at maxBytes (in whole granules) and before the next op's granules.
     const limit = Math.min(size, start + Math.max(g, alignDown(maxBytes, g)), this.ops.nextClaimedAfter(start));
     const clean = this.bitmap.nextClean(start, limit - start);
     const end = clean < 0 ? limit : clean;
     this.cursorBytes = end >= size ? 0 : end;
-    const op = this.ops.begin(start, end - start, false);
+    const op = this.ops.begin(start, end - start, false, zeroRun ? 0 : end - start);
     this.bitmap.resetDirty(start, end - start);
     void this.copyRange(start, end - start).finally(() => this.ops.end(op));
     return end - start;
   }
 
-  /** Copies [offset, offset + bytes) piece by piece as block status says; failures go to the policies. */
+  /**
+   * Sizes the next op (mirror_iteration): where the source has no data
+   * from `start` (zeroes, unallocated), the whole run up to buf-size is
+   * one op, as QEMU cuts only data at IO_MAX_BYTES; returns that run's
+   * length in whole granules, 0 for data or when unknown. A run of data
+   * seen here is remembered (knownDataEndBytes), so data ops do not ask
+   * again. The answer may be stale once the op is claimed; it only sizes
+   * the op: copyRange asks again after the granules were reset.
+   */
+  private async zeroRunBytes(start: number): Promise<number> {
+    let st: ChainStatusResult;
+    try {
+      st = await blockStatusAbove(this.source, null, start, Math.min(this.bufBytes, this.source.totalBytes - start));
+    } catch {
+      return 0; // copyRange meets the failure and applies the error policy
+    }
+    if (!(st.status & Status.DATA)) return alignDown(st.pnum, this.granularityBytes);
+    this.knownDataStartBytes = start;
+    this.knownDataEndBytes = start + st.pnum;
+    return 0;
+  }
+
+  private inKnownData(offsetBytes: number): boolean {
+    return offsetBytes >= this.knownDataStartBytes && offsetBytes < this.knownDataEndBytes;
+  }
+
+  /**
+   * Copies [offset, offset + bytes) piece by piece as block status says;
+   * failures go to the policies. Data moves through one copy buffer in
+   * pieces of at most its capacity (an op sized as a zero run may meet
+   * data that a guest wrote meanwhile).
+   */
   private async copyRange(offsetBytes: number, bytes: number): Promise<void> {
     const end = offsetBytes + bytes;
-    const buffer = this.buffers.take(bytes);
+    let buffer: Uint8Array | null = null;
     try {
       for (let at = offsetBytes; at < end; ) {
         try {
           const st = await readSide(() => blockStatusAbove(this.source, null, at, end - at));
-          const n = Math.max(1, Math.min(st.pnum, end - at));
-          await this.copyPiece(at, n, st.status, buffer.subarray(at - offsetBytes, at - offsetBytes + n));
+          let n = Math.max(1, Math.min(st.pnum, end - at));
+          if (this.movesData(st.status)) {
+            buffer ??= this.buffers.take(Math.min(bytes, this.buffers.capacityBytes));
+            n = Math.min(n, buffer.length);
+            await this.copyData(at, buffer.subarray(0, n));
+          } else {
+            await this.clearPiece(at, n, st.status);
+          }
           this.job.progressUpdate(n);
           at += n;
         } catch (e) {
@@ -457,21 +500,25 @@ export class Mirror implements JobDriver, MirrorTopHooks {
         }
       }
     } finally {
-      this.buffers.give(buffer);
+      if (buffer) this.buffers.give(buffer);
     }
   }
 
-  /** One piece of a copy op; `buf` is its slice of the op's buffer (used only for data). */
-  private async copyPiece(offsetBytes: number, bytes: number, status: number, buf: Uint8Array): Promise<void> {
-    const edge = this.targetEdge!;
-    if (status & Status.ZERO) {
-      await pwriteZeroes(edge, offsetBytes, bytes, this.unmap ? Req.MAY_UNMAP : 0, true);
-    } else if (!(status & Status.DATA) && this.unmap) {
-      await pdiscard(edge, offsetBytes, bytes);
-    } else {
-      await readSide(() => preadv(mirrorTopChild(this.filter), offsetBytes, buf));
-      await pwritev(edge, offsetBytes, buf);
-    }
+  /** Whether a piece with this block status is read and written (else clearPiece). */
+  private movesData(status: number): boolean {
+    return !(status & Status.ZERO) && ((status & Status.DATA) !== 0 || !this.unmap);
+  }
+
+  /** A piece with data: read from the source (through the filter), written to the target. */
+  private async copyData(offsetBytes: number, buf: Uint8Array): Promise<void> {
+    await readSide(() => preadv(mirrorTopChild(this.filter), offsetBytes, buf));
+    await pwritev(this.targetEdge!, offsetBytes, buf);
+  }
+
+  /** A piece without data to move: zeroes (MAY_UNMAP with unmap), or a discard where the source has nothing. */
+  private async clearPiece(offsetBytes: number, bytes: number, status: number): Promise<void> {
+    if (status & Status.ZERO) await pwriteZeroes(this.targetEdge!, offsetBytes, bytes, this.unmap ? Req.MAY_UNMAP : 0, true);
+    else await pdiscard(this.targetEdge!, offsetBytes, bytes);
   }
 
   get unmap(): boolean {

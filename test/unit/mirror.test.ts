@@ -129,6 +129,52 @@ describe('mirror', () => {
   });
 });
 
+describe('mirror op sizes (mirror_iteration)', () => {
+  /** A 40 MiB source with 1 MiB of data at 0 and a target that gets the whole length dirty (zero_target, no unmap). */
+  async function sparseWorld() {
+    const w = jobWorld();
+    const src = await w.mem('src', 40 * MiB);
+    const tgt = await w.mem('tgt', 40 * MiB);
+    const blk = new BlockBackend(w.graph, src, { name: 'guest', writable: true });
+    await blk.pwrite(0, pattern(MiB, 1));
+    return { w, src, tgt };
+  }
+
+  async function mirrorToEnd(w: JobWorld, src: BlockNode, tgt: BlockNode) {
+    const job = await mirror(w, src, tgt, { zeroTarget: true });
+    await w.waitEvent('BLOCK_JOB_READY');
+    job.complete();
+    await finished(job);
+  }
+
+  it('a run without data is one op of up to buf-size; data goes in ops of at most 1 MiB', async () => {
+    const { w, src, tgt } = await sparseWorld();
+    await mirrorToEnd(w, src, tgt);
+    const log = memOf(tgt).log;
+    const zeroes = log.filter((c) => c.op === 'write-zeroes').map((c) => c.bytes);
+    expect(zeroes).toEqual([16 * MiB, 16 * MiB, 7 * MiB]);
+    expect(log.filter((c) => c.op === 'write').every((c) => c.bytes <= MiB)).toBe(true);
+    expect(same(src, tgt)).toBe(true);
+  });
+
+  it('data found inside an op sized as a zero run is copied through one buffer, a piece at a time', async () => {
+    const { w, src, tgt } = await sparseWorld();
+    // Once the op over [1 MiB, 17 MiB) was sized as zeroes, 2.5 MiB of data appear at 5 MiB
+    // behind the dirty bitmap's back: the op's own block status sees them and copies them.
+    const fresh = pattern(2.5 * MiB, 7);
+    let statusAt1MiB = 0;
+    memOf(src).beforeCall = (call) => {
+      if (call.op !== 'block-status' || call.offset !== MiB || ++statusAt1MiB !== 2) return;
+      memOf(src).data.set(fresh, 5 * MiB);
+      memOf(src).allocated.fill(1, 5 * MiB, 7.5 * MiB);
+    };
+    await mirrorToEnd(w, src, tgt);
+    const writes = memOf(tgt).log.filter((c) => c.op === 'write' && c.offset >= 5 * MiB);
+    expect(writes.map((c) => [c.offset / MiB, c.bytes / MiB])).toEqual([[5, 1], [6, 1], [7, 0.5]]);
+    expect(same(src, tgt)).toBe(true);
+  });
+});
+
 describe('mirror error policies (failing target writes)', () => {
   async function failingTarget(failures: number) {
     const setup = await world();
