@@ -26,29 +26,45 @@ import { processDiscards } from './refcount.js';
 import { DiscardType, type DiscardTypeValue, type InFlight, type Qcow2State } from './state.js';
 import { Qcow2Version } from './format.js';
 
-type Rewrite = (hi: number, lo: number) => { hi: number; lo: number; free: boolean } | null;
+/**
+ * What a rule does to one L2 entry: LEAVE it, or CHANGE it to the entry it
+ * put in `next` (hi, lo), with FREE also freeing the old entry's cluster.
+ * Rules allocate nothing: they run once per cluster, 8192 times for each
+ * 512 MiB a mirror zeroes on a qcow2 target with 64 KiB clusters.
+ */
+const Rewritten = { LEAVE: 0, CHANGE: 1, CHANGE_AND_FREE: 2 } as const;
+type RewrittenValue = (typeof Rewritten)[keyof typeof Rewritten];
+type Rewrite = (hi: number, lo: number, next: Uint32Array) => RewrittenValue;
 
-/** The zero_in_l2_slice rule for one entry; null: leave it. */
+/** The new entry of a rule's CHANGE (used synchronously, one entry at a time). */
+const nextEntry = new Uint32Array(2);
+
+function rewriteTo(hi: number, lo: number, newHi: number, newLo: number, free: boolean, next: Uint32Array): RewrittenValue {
+  if (newHi === hi && newLo === lo) return Rewritten.LEAVE;
+  next[0] = newHi;
+  next[1] = newLo;
+  return free ? Rewritten.CHANGE_AND_FREE : Rewritten.CHANGE;
+}
+
+/** The zero_in_l2_slice rule for one entry. */
 function zeroRule(unmap: boolean): Rewrite {
-  return (hi, lo) => {
+  return (hi, lo, next) => {
     const type = clusterType(hi, lo);
     const allocated = type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC || type === ClusterType.COMPRESSED;
     const free = type === ClusterType.COMPRESSED || (unmap && allocated);
-    const next = free ? { hi: 0, lo: Entry.ZERO } : { hi, lo: (lo | Entry.ZERO) >>> 0 };
-    return next.hi === hi && next.lo === lo ? null : { ...next, free };
+    return free ? rewriteTo(hi, lo, 0, Entry.ZERO, true, next) : rewriteTo(hi, lo, hi, (lo | Entry.ZERO) >>> 0, false, next);
   };
 }
 
 /** The discard_in_l2_slice rule for one entry. */
 function discardRule(s: Qcow2State, full: boolean): Rewrite {
   const zeroFlag = s.image.header.version >= Qcow2Version.V3 ? Entry.ZERO : 0;
-  return (hi, lo) => {
+  return (hi, lo, next) => {
     const type = clusterType(hi, lo);
     const allocated = type === ClusterType.NORMAL || type === ClusterType.ZERO_ALLOC || type === ClusterType.COMPRESSED;
-    let next = { hi, lo };
-    if (full) next = { hi: 0, lo: 0 };
-    else if (s.backing || allocated) next = { hi: 0, lo: zeroFlag };
-    return next.hi === hi && next.lo === lo ? null : { ...next, free: allocated };
+    if (full) return rewriteTo(hi, lo, 0, 0, allocated, next);
+    if (s.backing || allocated) return rewriteTo(hi, lo, 0, zeroFlag, allocated, next);
+    return Rewritten.LEAVE;
   };
 }
 
@@ -77,16 +93,28 @@ async function rewriteInTable(
       const t = clusterType(table.view.getUint32(index * 8), table.view.getUint32(index * 8 + 4));
       if (t !== ClusterType.UNALLOCATED && t !== ClusterType.ZERO_PLAIN && t !== ClusterType.ZERO_ALLOC) return 'busy';
     }
+    const view = table.view;
+    // Unallocated entries (all-zero) are the common case and all get the same answer: asked once.
+    const unallocatedDone = rule(0, 0, nextEntry);
+    const unallocatedHi = nextEntry[0]!;
+    const unallocatedLo = nextEntry[1]!;
     for (let i = 0; i < n; i++) {
       const at = (index + i) * 8;
-      const hi = table.view.getUint32(at);
-      const lo = table.view.getUint32(at + 4);
-      const next = rule(hi, lo);
-      if (!next) continue;
+      const hi = view.getUint32(at);
+      const lo = view.getUint32(at + 4);
+      if (hi === 0 && lo === 0) {
+        if (unallocatedDone === Rewritten.LEAVE) continue;
+        view.setUint32(at, unallocatedHi);
+        view.setUint32(at + 4, unallocatedLo);
+        s.l2Cache.markDirty(table);
+        continue;
+      }
+      const done = rule(hi, lo, nextEntry);
+      if (done === Rewritten.LEAVE) continue;
       s.l2Cache.markDirty(table);
-      table.view.setUint32(at, next.hi);
-      table.view.setUint32(at + 4, next.lo);
-      if (next.free) freed.push([hi, lo]);
+      view.setUint32(at, nextEntry[0]!);
+      view.setUint32(at + 4, nextEntry[1]!);
+      if (done === Rewritten.CHANGE_AND_FREE) freed.push([hi, lo]);
     }
   } finally {
     s.l2Cache.release(table);
