@@ -30,6 +30,10 @@
  * Memory: two window buffers. Requests: one at a time, through `overlay`
  * (which must be writable) and through short-lived read edges on the
  * backing images.
+ *
+ * Failures come out as RebaseError, saying where (qemu-img's messages
+ * differ by it): the image's allocation ('metadata'), a backing side's
+ * status or data ('old-backing', 'new-backing'), or the write ('write').
  */
 import type { BlockBackend } from './backend.js';
 import { BlockError } from './errors.js';
@@ -37,6 +41,28 @@ import { Perm, Status } from './flags.js';
 import { preadv } from './io.js';
 import { attachChild, detachChild, TransientParent, type BdrvChild, type BlockNode } from './node.js';
 import { blockStatusAbove, isAllocated } from './status.js';
+
+/** Where a rebase failed: qemu-img words each differently (qemu-img-ts/img/rebase.ts). */
+export type RebasePhase = 'metadata' | 'old-backing' | 'new-backing' | 'write';
+
+export class RebaseError extends BlockError {
+  constructor(
+    readonly phase: RebasePhase,
+    cause: BlockError,
+  ) {
+    super(cause.code, cause.message, { cause });
+  }
+}
+
+/** Runs `step`; a BlockError it throws becomes a RebaseError of `phase`. */
+async function failingAs<T>(phase: RebasePhase, step: () => Promise<T>): Promise<T> {
+  try {
+    return await step();
+  } catch (e) {
+    if (e instanceof BlockError && !(e instanceof RebaseError)) throw new RebaseError(phase, e);
+    throw e;
+  }
+}
 
 /** The window (QEMU's IO_BUF_SIZE, 2 MiB). */
 export const WINDOW_BYTES = 2 << 20;
@@ -54,14 +80,15 @@ export interface RebaseBackings {
 
 /** One side of the comparison: a read edge on a backing image and its length (0: no image). */
 interface Side {
+  phase: RebasePhase;
   edge: BdrvChild | null;
   lengthBytes: number;
   buf: Uint8Array;
 }
 
-function openSide(node: BlockNode | null, what: string): Side {
+function openSide(node: BlockNode | null, what: string, phase: RebasePhase): Side {
   const edge = node ? attachChild(new TransientParent(`rebase ${what}`), what, 0, node, Perm.CONSISTENT_READ, Perm.ALL) : null;
-  return { edge, lengthBytes: node?.totalBytes ?? 0, buf: new Uint8Array(WINDOW_BYTES) };
+  return { phase, edge, lengthBytes: node?.totalBytes ?? 0, buf: new Uint8Array(WINDOW_BYTES) };
 }
 
 /** Copies into `overlay` what the old and new backing files show differently (see the note at the top). */
@@ -72,8 +99,8 @@ export async function copyBackingDifferences(
 ): Promise<void> {
   const top = overlay.node;
   const sizeBytes = top.totalBytes;
-  const oldSide = openSide(backings.old, 'old backing');
-  const newSide = openSide(backings.newBacking, 'new backing');
+  const oldSide = openSide(backings.old, 'old backing', 'old-backing');
+  const newSide = openSide(backings.newBacking, 'new backing', 'new-backing');
   const report = (doneBytes: number) => onProgress?.(doneBytes, sizeBytes);
   try {
     for (let offset = 0; offset < sizeBytes; ) {
@@ -97,12 +124,13 @@ async function stepAt(
   maxBytes: number,
   report: (doneBytes: number) => void,
 ): Promise<number> {
-  const own = await isAllocated(overlay.node, offset, maxBytes);
+  const own = await failingAs('metadata', () => isAllocated(overlay.node, offset, maxBytes));
   let bytes = own.pnum;
   if (own.allocated) return bytes;
-  if (b.prefix && b.old) {
+  const { old, prefix } = b;
+  if (prefix && old) {
     // Past the old backing file's end (pnum 0) its zeroes are compared like data.
-    const above = await blockStatusAbove(b.old, b.prefix, offset, bytes, false);
+    const above = await failingAs('metadata', () => blockStatusAbove(old, prefix, offset, bytes, false));
     if (above.pnum > 0) bytes = above.pnum;
     if (above.pnum > 0 && above.depth === 0) return bytes;
   }
@@ -120,7 +148,8 @@ async function stepAt(
 /** Whether `side` reads as zeroes at `offset` (per block status), and for how long. */
 async function sideIsZero(side: Side, pastEnd: boolean, offset: number, bytes: number): Promise<{ zero: boolean; pnum: number }> {
   if (pastEnd || !side.edge) return { zero: true, pnum: bytes };
-  const st = await blockStatusAbove(side.edge.node, null, offset, bytes, true);
+  const node = side.edge.node;
+  const st = await failingAs(side.phase, () => blockStatusAbove(node, null, offset, bytes, true));
   return { zero: (st.status & Status.ZERO) !== 0, pnum: st.pnum > 0 ? st.pnum : bytes };
 }
 
@@ -143,8 +172,9 @@ async function compareRange(
   for (let done = 0; done < bytes; ) {
     const { differ, runBytes } = sameRun(oldData, newData, done, bytes);
     if (differ) {
-      if (oldPastEnd) await overlay.pwriteZeroes(offset + done, runBytes);
-      else await overlay.pwrite(offset + done, oldData.subarray(done, done + runBytes));
+      const at = offset + done;
+      const run = oldData.subarray(done, done + runBytes);
+      await failingAs('write', () => (oldPastEnd ? overlay.pwriteZeroes(at, runBytes) : overlay.pwrite(at, run)));
     }
     done += runBytes;
   }
@@ -154,8 +184,9 @@ async function compareRange(
 /** The side's bytes at [offset, offset + bytes): read, or zeroes. */
 async function fill(side: Side, zero: boolean, offset: number, bytes: number): Promise<Uint8Array> {
   const buf = side.buf.subarray(0, bytes);
-  if (zero) buf.fill(0);
-  else await preadv(side.edge!, offset, buf);
+  const edge = side.edge;
+  if (zero || !edge) buf.fill(0);
+  else await failingAs(side.phase, () => preadv(edge, offset, buf));
   return buf;
 }
 

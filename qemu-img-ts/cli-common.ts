@@ -40,6 +40,43 @@ export function usageError(message: string): CliError {
   return new CliError(message, 1, true);
 }
 
+/**
+ * A failure of a command's work on an open image, printed at once as
+ * qemu-img's error_report does, before the image is closed (the close may
+ * print its own reports after it). Returns what to throw instead: a
+ * CliExit with the status. Usage errors and anything that is not a
+ * CliError or BlockError pass through. `text` words a BlockError (default:
+ * its message).
+ */
+export function reportedNow(
+  warn: (message: string, opts: { error: true }) => void,
+  e: unknown,
+  text: (e: BlockError) => string = (b) => b.message,
+): unknown {
+  if (e instanceof CliError && !e.usage) {
+    warn(e.message, { error: true });
+    return new CliExit(e.exitCode);
+  }
+  if (e instanceof BlockError) {
+    warn(text(e), { error: true });
+    return new CliExit(1);
+  }
+  return e;
+}
+
+/**
+ * Closes after the work. When the work failed, a failed close (often the
+ * same ENOSPC) is not raised again: the close printed its own reports, and
+ * the work's failure, reported already, sets the exit status.
+ */
+export async function closeAfterWork(workFailed: boolean, close: () => Promise<void>): Promise<void> {
+  try {
+    await close();
+  } catch (e) {
+    if (!workFailed) throw e;
+  }
+}
+
 /** Where a tool's text goes (injected, so tests can capture it). */
 export interface Output {
   stdout(text: string): void;

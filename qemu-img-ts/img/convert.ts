@@ -28,7 +28,7 @@ import type { BlockNode } from '../../block/node.js';
 import { bitmapsCopyRefusal, copyPersistentBitmaps, supportsPersistentBitmaps } from '../../block/dirty-bitmap-ops.js';
 import { loadSnapshotTmp, type SnapshotRef } from '../../block/snapshot-tmp.js';
 import { SECTOR_BYTES } from '../../block/zero-scan.js';
-import { CliError, CliExit } from '../cli-common.js';
+import { CliError, closeAfterWork, reportedNow } from '../cli-common.js';
 import { strtolWhole } from '../io/args.js';
 import { applyCacheMode, defaultOpenSettings, type OpenSettings } from '../io/open.js';
 import { commonOption, commonOptions, cvtnum, declareCommand, type ImgCommand, type ImgContext } from './command.js';
@@ -368,15 +368,9 @@ async function copy(
   } catch (e) {
     failed = true;
     if (!(e instanceof ConvertError)) throw e;
-    // Reported at once, as qemu-img does, before the target's close reports its own failures.
-    graph.onWarning(copyFailureText(e), { error: true });
-    throw new CliExit(1);
+    throw reportedNow(graph.onWarning, e, () => copyFailureText(e));
   } finally {
-    // A target that failed the copy often fails its close too (the same ENOSPC): the
-    // close reports what it could not write, and the copy's failure stays the one that counts.
-    await backend.close().catch((e: unknown) => {
-      if (!failed) throw e;
-    });
+    await closeAfterWork(failed, () => backend.close());
   }
 }
 

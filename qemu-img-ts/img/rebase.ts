@@ -20,7 +20,11 @@
  *      `-b ""` means no backing file: the image is flattened. Then
  *      block/rebase.ts copies into the image what the old and the new
  *      backing file show differently where the image itself allocates
- *      nothing, so its content never changes;
+ *      nothing, so its content never changes. Its failures, in qemu-img's
+ *      words: "error while reading image metadata: <strerror>", "error
+ *      while reading from old|new backing file", "Error while writing to
+ *      COW image: <strerror>"; printed before the image closes, whose own
+ *      reports (a qcow2 cache it could not flush) follow;
  *   4. the backing file name and format are rewritten (block/chain.ts).
  *      Refusals: "Could not change the backing file to 'B': No space left
  *      in the file header" (ENOSPC), "…: backing format must be specified"
@@ -36,8 +40,8 @@ import { fullBackingFilename } from '../../block/create.js';
 import { BlockError, strerror } from '../../block/errors.js';
 import type { BlockGraph } from '../../block/graph.js';
 import type { BlockNode } from '../../block/node.js';
-import { copyBackingDifferences, type RebaseBackings } from '../../block/rebase.js';
-import { CliError, usageError } from '../cli-common.js';
+import { copyBackingDifferences, RebaseError, type RebaseBackings } from '../../block/rebase.js';
+import { CliError, closeAfterWork, reportedNow, usageError } from '../cli-common.js';
 import { applyCacheMode, defaultOpenSettings, type OpenSettings } from '../io/open.js';
 import { commonOption, commonOptions, declareCommand, type ImgCommand, type ImgContext } from './command.js';
 import { GetoptLong } from './getopt.js';
@@ -126,10 +130,14 @@ async function run(ctx: ImgContext, argv: string[]): Promise<number> {
       noBacking: a.unsafe,
       flags: { direct: settings.direct, noFlush: settings.noFlush },
     });
+    let failed = false;
     try {
       await rebase(ctx.graph, top, a, settings, src, progress);
+    } catch (e) {
+      failed = true;
+      throw e;
     } finally {
-      await ctx.graph.unref(top);
+      await closeAfterWork(failed, () => ctx.graph.unref(top));
     }
   } finally {
     progress.finish();
@@ -145,6 +153,7 @@ async function rebase(graph: BlockGraph, top: BlockNode, a: RebaseArgs, settings
     throw new CliError(`Invalid format name: '${a.backingFormat}'`);
   }
   const overlay = new BlockBackend(graph, top.skipFilters(), { name: 'rebase', writable: true, writeCache: !settings.writethrough });
+  let failed = false;
   try {
     if (!a.unsafe) await copyDifferences(graph, overlay, a, src, progress);
     const name = a.backing ? a.backing : null;
@@ -154,8 +163,25 @@ async function rebase(graph: BlockGraph, top: BlockNode, a: RebaseArgs, settings
       if (!(e instanceof BlockError)) throw e;
       throw new CliError(`Could not change the backing file to '${a.backing ?? '(null)'}': ${changeFailure(e, a)}`);
     }
+  } catch (e) {
+    failed = true;
+    throw reportedNow(graph.onWarning, e, (b) => (b instanceof RebaseError ? rebaseFailureText(b) : b.message));
   } finally {
-    await overlay.close();
+    await closeAfterWork(failed, () => overlay.close());
+  }
+}
+
+/** qemu-img's words for a failed step of the safe rebase. */
+function rebaseFailureText(e: RebaseError): string {
+  switch (e.phase) {
+    case 'metadata':
+      return `error while reading image metadata: ${strerror(e.code)}`;
+    case 'old-backing':
+      return 'error while reading from old backing file';
+    case 'new-backing':
+      return 'error while reading from new backing file';
+    case 'write':
+      return `Error while writing to COW image: ${strerror(e.code)}`;
   }
 }
 

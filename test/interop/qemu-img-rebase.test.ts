@@ -123,4 +123,19 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts rebase vs qemu
       `${PAIR} && ${create('-f qcow2 -o cluster_size=512 c.qcow2 1M')}`,
     );
   });
+
+  describe.concurrent('failing I/O (blkdebug): the failed step is reported first, then what the close could not write', () => {
+    // Flattening b.qcow2 copies a.qcow2's data into it; a3.qcow2 holds other data, so a rebase onto it reads both sides.
+    // c.qcow2's backing file is a json: name relative to the directory: only messages and status are compared for it.
+    const setup = `${PAIR} && ${io('a.qcow2', 'qcow2', 'write -P 1 0 512k')} && ${create('-f qcow2 a3.qcow2 1M')} && ${io('a3.qcow2', 'qcow2', 'write -P 2 0 512k')}`;
+    const failing = (file: string, rule: string) =>
+      ['driver=qcow2', 'file.driver=blkdebug', `file.image.filename=${file}`, ...rule.split(' ').map((r) => `file.inject-error.0.${r}`)].join(',');
+    const failingJson = (file: string, event: string) =>
+      `json:${JSON.stringify({ driver: 'qcow2', file: { driver: 'blkdebug', image: { driver: 'file', filename: file }, 'inject-error': [{ event, errno: 5 }] } })}`;
+    const f = (name: string, args: string[], extra = '', files = ['b.qcow2']) => compare(name, { setup: extra ? `${setup} && ${extra}` : setup, args, files });
+    f('every write after the first fails with ENOSPC', ['rebase', '--image-opts', '-b', '', failing('b.qcow2', 'event=write_aio errno=28 immediately=on')]);
+    f('the first write fails with EIO', ['rebase', '--image-opts', '-b', '', failing('b.qcow2', 'event=write_aio errno=5 once=on immediately=on')]);
+    f('the new backing file cannot be read', ['rebase', '-b', failingJson('a3.qcow2', 'read_aio'), '-F', 'qcow2', 'b.qcow2']);
+    f('the old backing file cannot be read', ['rebase', '-b', 'a3.qcow2', '-F', 'qcow2', 'c.qcow2'], create(`-f qcow2 -b '${failingJson('a.qcow2', 'read_aio')}' -F qcow2 c.qcow2`), []);
+  });
 });
