@@ -24,7 +24,7 @@ import { checkedOptionValues, splitQemuOpts } from '../../block/create.js';
 import type { AmendRequest, CreateOptDesc } from '../../block/driver.js';
 import { BlockError } from '../../block/errors.js';
 import type { BlockNode } from '../../block/node.js';
-import { CliError, usageError } from '../cli-common.js';
+import { CliError, closeAfterWork, reportedNow, usageError } from '../cli-common.js';
 import { applyCacheMode, defaultOpenSettings } from '../io/open.js';
 import { commonOption, commonOptions, declareCommand, type ImgCommand, type ImgContext } from './command.js';
 import { accumulateOptions, hasHelpOption, optionListText } from './create.js';
@@ -90,13 +90,17 @@ async function run(ctx: ImgContext, argv: string[]): Promise<number> {
     flags: { direct: settings.direct, noFlush: settings.noFlush },
   });
   const blk = new BlockBackend(ctx.graph, node, { writable: true, resizable: true });
+  let failed = false;
   try {
     if (hasHelpOption(options)) return printAmendHelp(ctx, node.driver.name);
     const descs = amendOptsOf(ctx, node.driver.name);
     const values = amendValues(ctx, node, descs, options);
     await amendImage(node, blk, values, args);
+  } catch (e) {
+    failed = true;
+    throw reportedNow(ctx.graph.onWarning, e);
   } finally {
-    await blk.close();
+    await closeAfterWork(failed, () => blk.close());
   }
   return 0;
 }

@@ -14,6 +14,9 @@
  * `-p` prints progress only on a terminal here (QEMU prints it into pipes
  * too), so stdout is compared without QEMU's progress.
  *
+ * A refcount width change on a file whose writes fail (blkdebug) prints
+ * the failed step and the close's reports as qemu-img does.
+ *
  * One deviation is on purpose: downgrading an image whose preallocated
  * zero cluster is shared with a snapshot, QEMU 7.2 writes zeroes into the
  * snapshot's data and leaves a COPIED error; ours keeps the snapshot and
@@ -175,6 +178,21 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts amend against 
       expect(sameBytes(dirs, c.file)).toBe(true);
     }, 60_000);
   }
+
+  it('a refcount width change whose writes fail reports the failed step, then what the close could not write, as qemu-img', async () => {
+    // blkdebug on the image's file: every request after the event fails (ENOSPC), or only the next one.
+    const dirs = preparePair(root, { setup: withData(''), copy: true });
+    for (const event of ['cluster_alloc', 'refblock_load']) {
+      for (const once of ['off', 'on']) {
+        for (const dir of [dirs.ours, dirs.theirs]) fs.copyFileSync(path.join(dir, 'a.qcow2'), path.join(dir, 'f.qcow2'));
+        const rule = [`event=${event}`, 'errno=28', 'immediately=on', `once=${once}`].map((r) => `file.inject-error.0.${r}`);
+        const opts = ['driver=qcow2', 'file.driver=blkdebug', 'file.image.filename=f.qcow2', ...rule].join(',');
+        const { theirs, ours } = await runBoth(['amend', '-o', 'refcount_bits=1', '--image-opts', opts], dirs);
+        expect(theirs.code, `${event} once=${once}`).toBe(1);
+        expect(ours, `${event} once=${once}`).toEqual(theirs);
+      }
+    }
+  }, 60_000);
 
   it('downgrading keeps the snapshot data a preallocated zero cluster shares (QEMU 7.2 zeroes it and leaves COPIED set)', async () => {
     const setup = `${SNAPSHOT_V3}; qemu-img create -q -f qcow2 base.qcow2 64M; cp a.qcow2 b.qcow2; qemu-img rebase -u -b base.qcow2 -F qcow2 b.qcow2`;
