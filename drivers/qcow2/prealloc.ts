@@ -98,7 +98,11 @@ export async function preallocateData(s: Qcow2State, oldBytes: number, newBytes:
   if ((await allocClustersAt(s, start, dataClusters)) !== dataClusters) throw new BlockError('EIO', 'Failed to allocate data clusters');
   const head = new Uint8Array(oldBytes % c);
   if (head.length > 0) await readOld(firstGuest, head);
-  await truncate(s.file, start + dataClusters * c, false, mode);
+  await truncate(s.file, start + dataClusters * c, false, mode).catch((e: unknown) => {
+    // QEMU's error_prepend on the file's own words ("Could not write zeros for preallocation: …").
+    if (!(e instanceof BlockError)) throw e;
+    throw new BlockError(e.code, `Failed to resize underlying file: ${e.message}`, { cause: e });
+  });
   if (head.length > 0) await writeFile(s, start, head);
   let guest = firstGuest;
   let host = start;

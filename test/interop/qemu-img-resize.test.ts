@@ -3,7 +3,8 @@
  * the same images (test/helpers/image-pair.ts):
  *   - stdout, stderr and the exit status are equal (errors included:
  *     arguments, sizes, --shrink, preallocation, v2 images with snapshots,
- *     zeroing past a longer backing file on v2);
+ *     zeroing past a longer backing file on v2; preallocation the file
+ *     cannot take, under a file size limit);
  *   - the resized images are the same to qemu-img: info JSON (without
  *     actual-size), map, check (clean for qcow2), and `qemu-img compare`
  *     finds them identical; cases marked `bytes` are byte-identical files
@@ -16,6 +17,7 @@
 import { describe, expect, it } from 'vitest';
 import { compareResults, imageFacts, preparePair, sameBytes } from '../helpers/image-pair.js';
 import { missingPeers } from '../helpers/peers.js';
+import { oursCommand, run } from '../helpers/run.js';
 import { runBoth } from '../helpers/side-by-side.js';
 import { scratchDir } from '../helpers/tmp.js';
 
@@ -140,4 +142,16 @@ describe.skipIf(missingPeers('qemu-img', 'qemu-io'))('qemu-img-ts resize against
       if (c.bytes) expect(sameBytes(dirs, c.file)).toBe(true);
     }, 60_000);
   }
+
+  it('preallocation the file cannot take (a file size limit): the file\'s words after "Failed to resize underlying file:"', async () => {
+    // ulimit -f makes growing the file fail with EFBIG (SIGXFSZ ignored), as a full disk fails it with ENOSPC.
+    const dirs = preparePair(root, { setup: 'qemu-img create -q -f qcow2 q.qcow2 64M; qemu-io -c "write -P 1 0 900k" q.qcow2' });
+    const limited = (argv: string[], cwd: string) => run('bash', ['-c', 'trap "" XFSZ; ulimit -f 2048; exec "$@"', 'bash', ...argv], { cwd });
+    const args = ['resize', '--preallocation=full', 'q.qcow2', '+4M'];
+    const theirs = await limited(['qemu-img', ...args], dirs.theirs);
+    const ours = await limited([...oursCommand('qemu-img-ts'), ...args], dirs.ours);
+    expect(theirs.stderr).toContain('Failed to resize underlying file: ');
+    expect({ code: ours.code, stdout: ours.stdout, stderr: ours.stderr }).toEqual({ code: theirs.code, stdout: theirs.stdout, stderr: theirs.stderr });
+    expect(imageFacts(dirs.ours, 'q.qcow2')).toEqual(imageFacts(dirs.theirs, 'q.qcow2'));
+  }, 60_000);
 });
