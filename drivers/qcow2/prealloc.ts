@@ -27,9 +27,9 @@ import { allocatedFileSize } from '../../block/info.js';
 import { finishAllocation, finishInplace, linkAllocation, planWrite } from './alloc.js';
 import { readCow } from './cow.js';
 import { signalCorruption, writeFile } from './header-io.js';
-import { allocClustersAt, getRefcount, refcountIfCached } from './refcount.js';
+import { allocClustersAt, freeClusters, getRefcount, refcountIfCached } from './refcount.js';
 import { refcountArea } from './refcount-grow.js';
-import type { Allocation, Qcow2State } from './state.js';
+import { DiscardType, type Allocation, type Qcow2State } from './state.js';
 
 /** Whether the image looks metadata-preallocated (lock held); remembered in the state. */
 export async function detectMetadataPreallocation(s: Qcow2State): Promise<void> {
@@ -95,11 +95,18 @@ export async function preallocateData(s: Qcow2State, oldBytes: number, newBytes:
   const dataClusters = (Math.ceil(newBytes / c) * c - firstGuest) / c;
   const l2Tables = Math.ceil(dataClusters / s.geometry.l2Entries) + 1;
   const start = await refcountArea(s, oldFileBytes, dataClusters + l2Tables, true, 0, 0);
-  if ((await allocClustersAt(s, start, dataClusters)) !== dataClusters) throw new BlockError('EIO', 'Failed to allocate data clusters');
+  const allocated = await allocClustersAt(s, start, dataClusters);
+  if (allocated !== dataClusters) {
+    await freeClusters(s, start, allocated * c, DiscardType.OTHER);
+    throw new BlockError('EIO', 'Failed to allocate data clusters');
+  }
   const head = new Uint8Array(oldBytes % c);
   if (head.length > 0) await readOld(firstGuest, head);
-  await truncate(s.file, start + dataClusters * c, false, mode).catch((e: unknown) => {
+  await truncate(s.file, start + dataClusters * c, false, mode).catch(async (e: unknown) => {
+    // As QEMU: the data clusters go back (their refcounts would stay past the file's end, where
+    // qemu-img check does not look, and a later preallocation would find them taken), then
     // QEMU's error_prepend on the file's own words ("Could not write zeros for preallocation: …").
+    await freeClusters(s, start, dataClusters * c, DiscardType.OTHER);
     if (!(e instanceof BlockError)) throw e;
     throw new BlockError(e.code, `Failed to resize underlying file: ${e.message}`, { cause: e });
   });
