@@ -108,7 +108,8 @@ async function driverCreate(graph: BlockGraph, req: CreateImageRequest, descs: C
     await graph.createImage(req.format, req.filename, driverOptions(descs, values));
   } catch (e) {
     if (!isBlockError(e, 'EFBIG')) throw e;
-    const clusterSize = values.get(OPT.clusterSize)?.uint ?? 0n;
+    // qemu_opt_get_size falls back to the option's default: the hint shows for any format with a cluster size.
+    const clusterSize = values.get(OPT.clusterSize)?.uint ?? BigInt(descs.find((d) => d.name === OPT.clusterSize)?.defaultValue ?? 0);
     const hint = clusterSize !== 0n ? ' (try using a larger cluster size)' : '';
     throw new BlockError('EFBIG', `The image size is too large for file format '${req.format}'${hint}`, { cause: e });
   }

@@ -29,6 +29,7 @@ import { encodeHeaderCluster } from './header.js';
 import { emptyExtensions } from './extensions.js';
 import { refcountCodec } from './refcount.js';
 import { encodeReftableEntry, writeTableEntry } from './tables.js';
+import { withErrno } from './shrink.js';
 
 const DEFAULT_CLUSTER_BYTES = 65536;
 /** Clusters of a new image before its L1 table: header, refcount table, refcount block. */
@@ -182,14 +183,21 @@ export async function coCreate(ctx: CreateContext, request: CreateRequest): Prom
   const fileNode = await ctx.graph.openImage(request.filename, { format: protocol });
   const raw = new BlockBackend(ctx.graph, fileNode, { writable: true, allowWriteBeyondEof: true });
   try {
-    await raw.pwrite(0, initialImage(spec));
+    // Two writes with QEMU's words for each: the header cluster, then the refcount table and block.
+    const image = initialImage(spec);
+    await withErrno('Could not write qcow2 header', () => raw.pwrite(0, image.subarray(0, spec.clusterBytes)));
+    await withErrno('Could not write refcount table', () => raw.pwrite(spec.clusterBytes, image.subarray(spec.clusterBytes)));
   } finally {
     await raw.close();
   }
   const node = await ctx.graph.openImage(request.filename, { format: 'qcow2', options: { backing: null } });
   const blk = new BlockBackend(ctx.graph, node, { writable: true, resizable: true });
   try {
-    await blk.truncate(spec.sizeBytes, false, spec.prealloc);
+    await blk.truncate(spec.sizeBytes, false, spec.prealloc).catch((e: unknown) => {
+      // QEMU's error_prepend: the resize's own words follow.
+      if (!(e instanceof BlockError)) throw e;
+      throw new BlockError(e.code, `Could not resize image: ${e.message}`, { cause: e });
+    });
   } finally {
     await blk.close();
   }

@@ -33,13 +33,14 @@
  * result is the file qemu-img amend writes. Failures of a step say which,
  * in QEMU's words ("Failed to write refblock: No space left on device").
  */
-import { BlockError, strerror } from '../../block/errors.js';
+import { BlockError } from '../../block/errors.js';
 import { hex } from './cursor.js';
 import { Limits, Qcow2Geometry, REFTABLE_ENTRY_BYTES } from './format.js';
 import { flushFile, signalCorruption, updateHeader, writeFile } from './header-io.js';
 import { overlapCheck } from './overlap.js';
 import { allocClusters, codecOf, freeClusters, refcountCodec } from './refcount.js';
 import { encodeReftable, lastUsedIndex } from './refcount-grow.js';
+import { withErrno } from './shrink.js';
 import { DiscardType, type Qcow2State } from './state.js';
 
 /** QCOW_MAX_REFTABLE_SIZE in entries. */
@@ -58,19 +59,6 @@ interface NewRefcounts {
   tableEntries: number;
 }
 
-/** A failed step of the change, worded as QEMU's error_setg_errno: "What: strerror". */
-class StepFailure extends BlockError {}
-
-/** Runs `step`; an I/O failure in it becomes a StepFailure saying `what` failed. */
-async function step<T>(what: string, run: () => Promise<T>): Promise<T> {
-  try {
-    return await run();
-  } catch (e) {
-    if (e instanceof BlockError && !(e instanceof StepFailure)) throw new StepFailure(e.code, `${what}: ${strerror(e.code)}`, { cause: e });
-    throw e;
-  }
-}
-
 /** qcow2_change_refcount_order (lock held; v3 only). See the note at the top. */
 export async function changeRefcountOrder(s: Qcow2State, order: number, progress: ProgressReport): Promise<void> {
   const plan: NewRefcounts = { geometry: new Qcow2Geometry(s.geometry.clusterBits, order), table: new Float64Array(0), tableOffset: 0, tableEntries: 0 };
@@ -85,7 +73,7 @@ export async function changeRefcountOrder(s: Qcow2State, order: number, progress
       if (plan.tableOffset) await freeClusters(s, plan.tableOffset, plan.tableEntries * REFTABLE_ENTRY_BYTES, DiscardType.NEVER);
       plan.tableOffset = 0;
       const tableClusters = s.geometry.clustersFor(plan.table.length * REFTABLE_ENTRY_BYTES);
-      plan.tableOffset = await step('Failed to allocate the new reftable', () => allocClusters(s, tableClusters));
+      plan.tableOffset = await withErrno('Failed to allocate the new reftable', () => allocClusters(s, tableClusters));
       plan.tableEntries = plan.table.length;
     }
     await writeNewStructures(s, plan, (done, total) => progress(walk * total + done, (walk + 1) * total));
@@ -115,7 +103,7 @@ async function allocationWalk(s: Qcow2State, plan: NewRefcounts, progress: Progr
     if (!(await newBlockInUse(s, plan, j))) continue;
     if (j >= plan.table.length) growTable(s, plan, j);
     if (plan.table[j]) continue;
-    plan.table[j] = await step('Failed to allocate refblock', () => allocClusters(s, 1));
+    plan.table[j] = await withErrno('Failed to allocate refblock', () => allocClusters(s, 1));
     allocated = true;
   }
   progress(blocks, blocks);
@@ -151,7 +139,7 @@ async function forEachOldRefcount(s: Qcow2State, plan: NewRefcounts, j: number, 
       await signalCorruption(s, true, `Refblock offset ${hex(blockOffset)} unaligned (reftable index: ${hex(t)})`);
       throw new BlockError('EIO', 'Image is corrupt (unaligned refblock offset)');
     }
-    const entry = await step('Failed to retrieve refblock', () => s.refcountCache.get(blockOffset));
+    const entry = await withErrno('Failed to retrieve refblock', () => s.refcountCache.get(blockOffset));
     try {
       for (let c = Math.max(first, t * oldE); c < Math.min(end, (t + 1) * oldE); c++) {
         if (each(c, codec.get(entry.view, c - t * oldE))) return true;
@@ -198,14 +186,14 @@ async function writeNewStructures(s: Qcow2State, plan: NewRefcounts, progress: P
       if (refcount !== 0) codec.set(view, cluster - j * newE, refcount);
       return false;
     });
-    await step('Overlap check failed', () => overlapCheck(s, 0, blockOffset, s.clusterBytes));
-    await step('Failed to write refblock', () => writeFile(s, blockOffset, block));
+    await withErrno('Overlap check failed', () => overlapCheck(s, 0, blockOffset, s.clusterBytes));
+    await withErrno('Failed to write refblock', () => writeFile(s, blockOffset, block));
   }
   progress(blocks, blocks);
   const table = encodeReftable(plan.table);
-  await step('Overlap check failed', () => overlapCheck(s, 0, plan.tableOffset, table.length));
-  await step('Failed to write the new reftable', () => writeFile(s, plan.tableOffset, table));
-  await step('Failed to flush the refblock cache', () => s.refcountCache.flush());
+  await withErrno('Overlap check failed', () => overlapCheck(s, 0, plan.tableOffset, table.length));
+  await withErrno('Failed to write the new reftable', () => writeFile(s, plan.tableOffset, table));
+  await withErrno('Failed to flush the refblock cache', () => s.refcountCache.flush());
 }
 
 /** The structures the header pointed at before the switch. */
@@ -229,7 +217,7 @@ async function switchHeader(s: Qcow2State, plan: NewRefcounts): Promise<OldRefco
     refcountTableClusters: (plan.table.length * REFTABLE_ENTRY_BYTES) / s.clusterBytes,
   });
   try {
-    await step('Failed to update the qcow2 header', async () => {
+    await withErrno('Failed to update the qcow2 header', async () => {
       await updateHeader(s);
       await flushFile(s);
     });

@@ -46,6 +46,15 @@ export function errnoError(e: unknown, context: string): BlockError {
   return new BlockError(code, `${context}: ${strerror(code)}`, { cause: e });
 }
 
+/** Runs `run`; its failure comes out worded by errnoError ("What: strerror"). */
+export async function withErrno<T>(context: string, run: () => Promise<T>): Promise<T> {
+  try {
+    return await run();
+  } catch (e) {
+    throw errnoError(e, context);
+  }
+}
+
 /** Step 1: discards the clusters of the kept L2 table past the new end (takes the lock itself). */
 export async function discardCropped(s: Qcow2State, newBytes: number, oldBytes: number): Promise<void> {
   const start = Math.ceil(newBytes / s.clusterBytes) * s.clusterBytes;

@@ -22,6 +22,9 @@
  * and disk usage, which depends on the file system. UPDATE_GOLDEN=1
  * rewrites them.
  *
+ * qcow2 create on a file that cannot grow (a file size limit) names the
+ * failed step as qemu-img does.
+ *
  * Build first (npx tsc -p tsconfig.json): the tests run dist/.
  */
 import { execFile, execFileSync } from 'node:child_process';
@@ -250,6 +253,21 @@ describe.skipIf(missingPeers('qemu-img'))('qemu-img-ts vs qemu-img 7.2', () => {
     e('-qfraw', ['-qfraw', 'e.raw', '1M'], { files: ['e.raw'] });
     e('-f raw e.raw -- 1M', ['-f', 'raw', 'e.raw', '--', '1M'], { files: ['e.raw'] });
     e('-h', ['-h'], { only: ['stderr', 'code'] }); // by design: our help text is ours (version line, our commands)
+  });
+
+  describe.concurrent('create: a file that cannot grow (ulimit -f, EFBIG as a full disk gives ENOSPC)', () => {
+    const limited = (limitKiB: number, name: string, args: string[]) =>
+      it(name, async () => {
+        const [dirT, dirO] = [prepare({ args }, 'theirs'), prepare({ args }, 'ours')];
+        const wrap = ['-c', `trap "" XFSZ; ulimit -f ${limitKiB}; exec "$@"`, 'bash'];
+        const theirs = normalise(await runTool('bash', [...wrap, 'qemu-img', ...args], dirT), dirT);
+        const ours = normalise(await runTool('bash', [...wrap, process.execPath, OURS_BIN, ...args], dirO), dirO);
+        expect(theirs.code).toBe(1);
+        expect(ours).toEqual(theirs);
+      });
+    limited(32, 'the header cluster', ['create', '-q', '-f', 'qcow2', 'l.qcow2', '1M']);
+    limited(100, 'the refcount table', ['create', '-q', '-f', 'qcow2', 'l.qcow2', '1M']);
+    limited(1000, 'the preallocation', ['create', '-q', '-f', 'qcow2', '-o', 'preallocation=full', 'l.qcow2', '2M']);
   });
 
   describe.concurrent('info', () => {
