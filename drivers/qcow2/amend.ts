@@ -45,7 +45,7 @@ import { checkUsable, flushFile, markClean, updateHeader } from './header-io.js'
 import { entryOffset } from './l2.js';
 import { freeClusters } from './refcount.js';
 import { changeRefcountOrder, type ProgressReport } from './refcount-order.js';
-import { errnoError } from './shrink.js';
+import { errnoError } from './failure-words.js';
 import { writeSnapshotTable } from './snapshots.js';
 import { DiscardType, stateOf, type Qcow2State } from './state.js';
 import { expandZeroClusters } from './zero-expand.js';

@@ -29,7 +29,7 @@ import { encodeHeaderCluster } from './header.js';
 import { emptyExtensions } from './extensions.js';
 import { refcountCodec } from './refcount.js';
 import { encodeReftableEntry, writeTableEntry } from './tables.js';
-import { withErrno } from './shrink.js';
+import { withErrno, withPrefix } from './failure-words.js';
 
 const DEFAULT_CLUSTER_BYTES = 65536;
 /** Clusters of a new image before its L1 table: header, refcount table, refcount block. */
@@ -193,11 +193,7 @@ export async function coCreate(ctx: CreateContext, request: CreateRequest): Prom
   const node = await ctx.graph.openImage(request.filename, { format: 'qcow2', options: { backing: null } });
   const blk = new BlockBackend(ctx.graph, node, { writable: true, resizable: true });
   try {
-    await blk.truncate(spec.sizeBytes, false, spec.prealloc).catch((e: unknown) => {
-      // QEMU's error_prepend: the resize's own words follow.
-      if (!(e instanceof BlockError)) throw e;
-      throw new BlockError(e.code, `Could not resize image: ${e.message}`, { cause: e });
-    });
+    await withPrefix('Could not resize image', () => blk.truncate(spec.sizeBytes, false, spec.prealloc));
   } finally {
     await blk.close();
   }

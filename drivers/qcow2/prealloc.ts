@@ -29,6 +29,7 @@ import { readCow } from './cow.js';
 import { signalCorruption, writeFile } from './header-io.js';
 import { allocClustersAt, freeClusters, getRefcount, refcountIfCached } from './refcount.js';
 import { refcountArea } from './refcount-grow.js';
+import { withPrefix } from './failure-words.js';
 import { DiscardType, type Allocation, type Qcow2State } from './state.js';
 
 /** Whether the image looks metadata-preallocated (lock held); remembered in the state. */
@@ -102,14 +103,14 @@ export async function preallocateData(s: Qcow2State, oldBytes: number, newBytes:
   }
   const head = new Uint8Array(oldBytes % c);
   if (head.length > 0) await readOld(firstGuest, head);
-  await truncate(s.file, start + dataClusters * c, false, mode).catch(async (e: unknown) => {
+  try {
+    await withPrefix('Failed to resize underlying file', () => truncate(s.file, start + dataClusters * c, false, mode));
+  } catch (e) {
     // As QEMU: the data clusters go back (their refcounts would stay past the file's end, where
-    // qemu-img check does not look, and a later preallocation would find them taken), then
-    // QEMU's error_prepend on the file's own words ("Could not write zeros for preallocation: …").
+    // qemu-img check does not look, and a later preallocation would find them taken).
     await freeClusters(s, start, dataClusters * c, DiscardType.OTHER);
-    if (!(e instanceof BlockError)) throw e;
-    throw new BlockError(e.code, `Failed to resize underlying file: ${e.message}`, { cause: e });
-  });
+    throw e;
+  }
   if (head.length > 0) await writeFile(s, start, head);
   let guest = firstGuest;
   let host = start;

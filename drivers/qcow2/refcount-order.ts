@@ -40,7 +40,7 @@ import { flushFile, signalCorruption, updateHeader, writeFile } from './header-i
 import { overlapCheck } from './overlap.js';
 import { allocClusters, codecOf, freeClusters, refcountCodec } from './refcount.js';
 import { encodeReftable, lastUsedIndex } from './refcount-grow.js';
-import { withErrno } from './shrink.js';
+import { withErrno } from './failure-words.js';
 import { DiscardType, type Qcow2State } from './state.js';
 
 /** QCOW_MAX_REFTABLE_SIZE in entries. */

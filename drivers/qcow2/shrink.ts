@@ -27,7 +27,7 @@
  * end, and at worst leaked clusters: every reference disappears on disk
  * before the refcount it held.
  */
-import { BlockError, strerror } from '../../block/errors.js';
+import { BlockError } from '../../block/errors.js';
 import { truncate } from '../../block/io.js';
 import { freeEntry } from './alloc.js';
 import { hex } from './cursor.js';
@@ -39,21 +39,7 @@ import { codecOf, freeClusters, processDiscards } from './refcount.js';
 import { encodeReftable, lastUsedIndex } from './refcount-grow.js';
 import { DiscardType, type Qcow2State } from './state.js';
 import { discardClusters } from './zero.js';
-
-/** A failure as QEMU's error_setg_errno reports it: the context, then strerror. */
-export function errnoError(e: unknown, context: string): BlockError {
-  const code = e instanceof BlockError ? e.code : 'EIO';
-  return new BlockError(code, `${context}: ${strerror(code)}`, { cause: e });
-}
-
-/** Runs `run`; its failure comes out worded by errnoError ("What: strerror"). */
-export async function withErrno<T>(context: string, run: () => Promise<T>): Promise<T> {
-  try {
-    return await run();
-  } catch (e) {
-    throw errnoError(e, context);
-  }
-}
+import { errnoError } from './failure-words.js';
 
 /** Step 1: discards the clusters of the kept L2 table past the new end (takes the lock itself). */
 export async function discardCropped(s: Qcow2State, newBytes: number, oldBytes: number): Promise<void> {

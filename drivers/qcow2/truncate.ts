@@ -30,7 +30,8 @@ import { truncateBitmapsCheck } from './bitmap-load.js';
 import { coPwritev, readGuest } from './io.js';
 import { growL1 } from './l2.js';
 import { preallocateData, preallocateMetadata } from './prealloc.js';
-import { cutFileTail, discardCropped, dropL2Tables, errnoError, shrinkReftable } from './shrink.js';
+import { cutFileTail, discardCropped, dropL2Tables, shrinkReftable } from './shrink.js';
+import { errnoError } from './failure-words.js';
 import { stateOf, type Qcow2State } from './state.js';
 import { zeroClusters } from './zero.js';
 
