@@ -276,7 +276,7 @@ class ConvertState {
       const pieces = this.failure === null ? this.split(sector, n, data, status) : [];
       const inOrder = !this.plan.outOfOrder;
       if (inOrder) await this.waitTurn(sector);
-      if (inOrder && pieces.some((p) => p.kind === 'zero')) await Promise.all(this.overlapping);
+      if (inOrder && this.writesZeroes(pieces)) await Promise.all(this.overlapping);
       const writing = this.failure === null ? this.guard(() => this.write(sector, data, pieces)) : undefined;
       const early = inOrder && this.passesTurnOnIssue(sector, n, pieces);
       if (early && writing) this.overlap(writing);
@@ -310,8 +310,8 @@ class ConvertState {
   }
 
   /**
-   * Tracks a write whose turn passed on issue until it is done. A run with
-   * zeroes waits for all of them first: zeroing a format's clusters changes
+   * Tracks a write whose turn passed on issue until it is done. A run that
+   * writes zeroes waits for all of them first: zeroing a format's clusters changes
    * only its metadata, which cannot fail now but is written at close; ahead
    * of a data write that fails, it would be a change qemu-img (which stops
    * at the failure) never makes, and a close that fails on it too reports
@@ -320,6 +320,11 @@ class ConvertState {
   private overlap(writing: Promise<void>): void {
     this.overlapping.add(writing);
     void writing.then(() => this.overlapping.delete(writing));
+  }
+
+  /** Whether writing these pieces zeroes something on the target (not when it reads as zeroes already). */
+  private writesZeroes(pieces: readonly Piece[]): boolean {
+    return !this.plan.hasZeroInit && pieces.some((p) => p.kind === 'zero');
   }
 
   private async guard(body: () => Promise<void>): Promise<void> {
