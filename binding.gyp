@@ -1,4 +1,4 @@
-# Builds build/Release/hostio.node from native/hostio.c and native/sender.c
+# Builds build/Release/hostio.node from native/hostio.c, native/sender.c and native/writer.c
 # (plain C, N-API v8).
 # Run by scripts/build-native.mjs at install time; loaded by
 # drivers/file/host-io.ts, which falls back to plain I/O when it is missing.
@@ -6,7 +6,7 @@
   "targets": [
     {
       "target_name": "hostio",
-      "sources": ["native/hostio.c", "native/sender.c"],
+      "sources": ["native/hostio.c", "native/sender.c", "native/writer.c"],
       "libraries": ["-lpthread"],
       "cflags": ["-Wall", "-Wextra"],
       "cflags_c": ["-std=gnu11"],

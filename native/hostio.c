@@ -674,7 +674,7 @@ NAPI_MODULE_INIT() {
   };
   size_t count = sizeof(functions) / sizeof(functions[0]);
   if (napi_define_properties(env, exports, count, functions) != napi_ok ||
-      !sender_define(env, exports)) {
+      !sender_define(env, exports) || !writer_define(env, exports)) {
     return NULL;
   }
   return exports;

@@ -1,7 +1,7 @@
 /*
- * What native/hostio.c and native/sender.c share: errno names and errors in
+ * What native/hostio.c, sender.c and writer.c share: errno names and errors in
  * one shape (a JS Error with .code = the errno name and .syscall), argument
- * checks, and the sender's registration on the module's exports.
+ * checks, and the sender's and writer's registration on the module's exports.
  */
 #ifndef HOSTIO_H
 #define HOSTIO_H
@@ -22,5 +22,7 @@ int hostio_get_integer(napi_env env, napi_value value, double max,
                        const char *what, double *out);
 /* Adds senderOpen, senderFileRange and senderClose to exports; 0 on failure. */
 int sender_define(napi_env env, napi_value exports);
+/* Adds writerOpen, writerWrite and writerClose to exports; 0 on failure. */
+int writer_define(napi_env env, napi_value exports);
 
 #endif

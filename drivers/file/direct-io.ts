@@ -34,6 +34,7 @@
 import fs from 'node:fs';
 import { BlockError, toBlockError } from '../../block/errors.js';
 import type { HostIo } from './host-io.js';
+import type { SerialWriter } from './serial-writer.js';
 
 /** QEMU's MAX_BLOCKSIZE: the alignment used when probing learns nothing. */
 export const MAX_BLOCK_BYTES = 4096;
@@ -48,7 +49,9 @@ export const DIRECT_BOUNCES_MAX = 4;
 export interface HostFile {
   fh: fs.promises.FileHandle;
   direct: DirectIo | null;
-  /** Large buffered writes go through it one at a time (see WriteLane); absent: no limit. */
+  /** Large buffered writes go through it, one after another (serial-writer.ts). */
+  serialWriter?: SerialWriter;
+  /** Without a serialWriter, large buffered writes go through it (see WriteLane); absent: no limit. */
   writeLane?: WriteLane;
   /** Positioned I/O on the calling thread (OpenFlags.syncIo). */
   syncIo: boolean;
@@ -128,12 +131,14 @@ export const SERIAL_WRITE_MIN_BYTES = 256 << 10;
 export const SERIAL_WRITES_IN_FLIGHT = 4;
 
 /**
- * The lane of a file's large buffered writes. The kernel's buffered write
- * path (tmpfs, ext4, xfs) holds the inode lock exclusively for the whole
- * copy, so more large writes in flight on other pool threads cannot
- * overlap the one copying: they spin on the lock (rwsem_spin_on_owner),
- * burning cores that reads and the event loop need, then copy after it
- * anyway. Holding the rest back here costs no throughput and frees them.
+ * The lane of a file's large buffered writes where the addon's writer
+ * thread (serial-writer.ts) is missing. The kernel's buffered write path
+ * (tmpfs, ext4, xfs) holds the inode lock exclusively for the whole copy,
+ * so more large writes in flight on other pool threads cannot overlap the
+ * one copying: they spin on the lock (rwsem_spin_on_owner), burning cores
+ * that reads and the event loop need, then copy after it anyway. Holding
+ * the rest back here costs no throughput and frees them. (A read-only
+ * descriptor gets a lane too, never used: it takes no writes.)
  */
 export class WriteLane {
   private running = 0;
@@ -270,6 +275,10 @@ export async function preadHost(file: HostFile, offsetBytes: number, buf: Uint8A
 /** Writes buf at offsetBytes, through a bounce buffer when O_DIRECT needs one. */
 export async function pwriteHost(file: HostFile, offsetBytes: number, buf: Uint8Array): Promise<void> {
   const { fh, direct, syncIo } = file;
+  if (file.serialWriter && buf.length >= (syncIo ? SYNC_WRITE_MAX_BYTES : SERIAL_WRITE_MIN_BYTES)) {
+    await file.serialWriter.write(buf, offsetBytes);
+    return;
+  }
   if (!direct && file.writeLane && buf.length >= SERIAL_WRITE_MIN_BYTES) {
     await file.writeLane.run(() => writeFull(fh, buf, offsetBytes, syncIo));
     return;

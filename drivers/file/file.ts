@@ -50,6 +50,7 @@ import type { BlockNode } from '../../block/node.js';
 import type { BlockGraph } from '../../block/graph.js';
 import { createFile, FILE_CREATE_OPTS, stripFilePrefix } from './create.js';
 import { DirectIo, preadHost, probeRequestAlignment, pwriteHost, WriteLane, type HostFile } from './direct-io.js';
+import { openSerialWriter } from './serial-writer.js';
 import { loadHostIo, type HostIo } from './host-io.js';
 import { FileLocks, lockingEnabled } from './lock.js';
 import { fileOptionsQapiProblem, fileOptionsSchema, type FileOptions } from './options.js';
@@ -178,7 +179,7 @@ async function open(node: BlockNode, optionsIn: Record<string, unknown>, ctx: Op
       path: filename,
       fh,
       direct: directIo,
-      writeLane: directIo === null && st.isFile() ? new WriteLane() : undefined,
+      ...bufferedWriters(directIo === null && st.isFile(), node.readOnly, fh.fd),
       host,
       isBlockDevice: st.isBlockDevice(),
       syncIo: node.openFlags.syncIo || (directIo === null && isMemoryBacked(filename)),
@@ -192,6 +193,16 @@ async function open(node: BlockNode, optionsIn: Record<string, unknown>, ctx: Op
   }
   node.filename = filename;
   node.supportedZeroFlags = Req.MAY_UNMAP | Req.NO_FALLBACK;
+}
+
+/**
+ * How a buffered regular file's large writes queue: on a writer thread of
+ * their own, else in a WriteLane. A read-only descriptor gets no thread.
+ */
+function bufferedWriters(buffered: boolean, readOnly: boolean, fd: number): Pick<HostFile, 'serialWriter' | 'writeLane'> {
+  if (!buffered) return { serialWriter: undefined, writeLane: undefined };
+  const serialWriter = readOnly ? null : openSerialWriter(fd);
+  return serialWriter ? { serialWriter, writeLane: undefined } : { serialWriter: undefined, writeLane: new WriteLane() };
 }
 
 async function getLength(node: BlockNode): Promise<number> {
@@ -317,12 +328,16 @@ async function reopen(node: BlockNode, readOnly: boolean): Promise<void> {
   }
   const old = s.fh;
   s.fh = fh;
+  await s.serialWriter?.close();
+  Object.assign(s, bufferedWriters(s.direct === null && !s.isBlockDevice, readOnly, fh.fd));
   await old.close();
 }
 
 /** Closing the descriptor drops its image locks with it. */
 async function close(node: BlockNode): Promise<void> {
-  await state(node).fh.close();
+  const s = state(node);
+  await s.serialWriter?.close();
+  await s.fh.close();
 }
 
 /** The node's locks and descriptor, while it is open (a closed FileHandle's fd is -1). */
