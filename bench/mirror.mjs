@@ -82,6 +82,15 @@ function makePristine() {
   fs.rmSync(raw);
 }
 
+/**
+ * Freshly freed memory left for each run (lib.mjs warmFreePages). The
+ * default 1 GiB was not always enough here: with our daemon's writes on a
+ * thread of their own, 3–4 of 14 runs met host-discarded pages part-way
+ * through (the target's copy then ran ~10× slower for the rest: 0.6–1.1 s
+ * instead of ~0.23); with 3 GiB none of 42 runs (either daemon) did.
+ */
+const MIRROR_WARM_BYTES = 3 * 1024 * MiB;
+
 // ---------------------------------------------------------------- writer
 
 /**
@@ -157,7 +166,7 @@ async function mirrorOnce(side, withWriter, round) {
   execFileSync('qemu-img', ['convert', '-f', 'qcow2', '-O', 'raw', pristine, shadow]);
   execFileSync('qemu-img', ['create', '-q', '-f', 'qcow2', tgt, String(sizeBytes)]);
   for (const f of [qmpSock, nbdSock]) fs.rmSync(f, { force: true });
-  warmFreePages();
+  warmFreePages(MIRROR_WARM_BYTES);
   const [cmd, ...args] = [...(process.env.MIRROR_BENCH_WRAP ?? '').split(' ').filter(Boolean), ...DAEMONS[side]];
   const child = spawn(cmd, [...args, '--chardev', `socket,path=${qmpSock},server=on,wait=off,id=m0`, '--monitor', 'chardev=m0'], {
     stdio: ['ignore', 'ignore', 'inherit'],
