@@ -33,6 +33,15 @@
  * is out of step, so every later frame fails with the same code. The caller
  * must not write to the socket itself while frames are queued here.
  *
+ * Teardown: Node deletes a threadsafe function when its environment is
+ * torn down, whether or not threads still hold it (a worker thread ending,
+ * or the main thread leaving its loop), so the thread calls it only under
+ * the sender's lock with `env_gone` clear and never releases it: its last
+ * message says it has finished, and the JS thread joins it, releases the
+ * function and frees the sender. An environment cleanup hook, added after
+ * the function and so run before Node's own hook for it, sets `env_gone`,
+ * shuts the socket down and joins the thread.
+ *
  * A thread per connection rather than the libuv pool: a client that stops
  * reading blocks the thread writing to it (poll() for POLLOUT, no timeout:
  * the connection's owner decides when to give up and aborts), and on the
@@ -89,6 +98,8 @@ typedef struct frame {
   int err;
 } frame_t;
 
+typedef struct sender_handle sender_handle_t;
+
 typedef struct {
   pthread_mutex_t lock;
   pthread_cond_t wake;
@@ -96,15 +107,22 @@ typedef struct {
   frame_t *tail;
   int closing;
   int aborted;
+  int env_gone; /* torn down: no more calls into Node */
   int sock_fd;
+  pthread_t thread;
   napi_threadsafe_function done;
+  sender_handle_t *handle; /* the External's, until it is finalized; JS thread */
 } sender_t;
 
-/* What the External holds: cleared by senderClose, after which the thread
- * owns (and frees) the sender. */
-typedef struct {
+/* What the External holds: cleared by senderClose (or the teardown hook),
+ * after which the JS side no longer reaches the sender. JS thread only. */
+struct sender_handle {
   sender_t *sender;
-} sender_handle_t;
+};
+
+/* The thread's last message through the threadsafe function: it has
+ * finished, so the JS thread joins it and frees the sender. */
+static frame_t thread_finished;
 
 #if SENDER_SUPPORTED
 
@@ -205,6 +223,17 @@ static frame_t *next_frame(sender_t *s, int *aborted) {
   return f;
 }
 
+/* Hands `f` to the JS thread unless the environment is gone; 0 when it was
+ * not delivered. An unlimited queue: a blocking call never waits. */
+static int deliver(sender_t *s, frame_t *f) {
+  pthread_mutex_lock(&s->lock);
+  int sent = !s->env_gone &&
+             napi_call_threadsafe_function(s->done, f, napi_tsfn_blocking) ==
+                 napi_ok;
+  pthread_mutex_unlock(&s->lock);
+  return sent;
+}
+
 static void *sender_main(void *arg) {
   sender_t *s = arg;
   int broken = 0; /* the errno that put the stream out of step */
@@ -221,24 +250,64 @@ static void *sender_main(void *arg) {
       broken = f->err;
     }
     close(f->file_fd);
-    if (napi_call_threadsafe_function(s->done, f, napi_tsfn_blocking) !=
-        napi_ok) {
-      free(f);
-    }
+    if (!deliver(s, f)) free(f);
   }
   close(s->sock_fd);
-  napi_release_threadsafe_function(s->done, napi_tsfn_release);
+  s->sock_fd = -1;
+  deliver(s, &thread_finished);
+  return NULL;
+}
+
+/* Frees a sender whose thread has ended. */
+static void free_sender(sender_t *s) {
+  for (frame_t *f = s->head; f;) { /* left by a teardown */
+    frame_t *next = f->next;
+    close(f->file_fd);
+    free(f);
+    f = next;
+  }
+  if (s->sock_fd >= 0) close(s->sock_fd);
   pthread_cond_destroy(&s->wake);
   pthread_mutex_destroy(&s->lock);
   free(s);
-  return NULL;
+}
+
+/* Environment teardown, run before Node's own hook for the threadsafe
+ * function (hooks run in reverse order of registration): the thread must
+ * make no call into it from here on, so it is stopped (the socket shut
+ * down, so no client can hold it) and joined. */
+static void teardown_hook(void *arg) {
+  sender_t *s = arg;
+  pthread_mutex_lock(&s->lock);
+  s->env_gone = 1;
+  s->closing = 1;
+  s->aborted = 1;
+  if (s->sock_fd >= 0) shutdown(s->sock_fd, SHUT_RDWR);
+  pthread_cond_signal(&s->wake);
+  pthread_mutex_unlock(&s->lock);
+  pthread_join(s->thread, NULL);
+  if (s->handle) s->handle->sender = NULL;
+  free_sender(s);
+}
+
+/* JS thread: the thread has ended; the sender goes. */
+static void finish(napi_env env, sender_t *s) {
+  pthread_join(s->thread, NULL);
+  napi_remove_env_cleanup_hook(env, teardown_hook, s);
+  if (s->handle) s->handle->sender = NULL;
+  napi_release_threadsafe_function(s->done, napi_tsfn_release);
+  free_sender(s);
 }
 
 /* JS thread: delivers one frame's outcome to onDone. */
 static void call_done(napi_env env, napi_value on_done, void *context,
                       void *data) {
-  (void)context;
   frame_t *f = data;
+  if (f == &thread_finished) {
+    /* Torn down with this still queued: the teardown hook freed it. */
+    if (env != NULL) finish(env, context);
+    return;
+  }
   if (env != NULL && on_done != NULL) {
     napi_value argv[2], undefined;
     napi_create_double(env, f->id, &argv[0]);
@@ -263,11 +332,13 @@ static void free_handle(napi_env env, void *data, void *hint) {
   (void)hint;
   sender_handle_t *h = data;
   /* Never closed (the connection object was dropped): let the thread go. */
-  if (h->sender) {
-    pthread_mutex_lock(&h->sender->lock);
-    h->sender->closing = 1;
-    pthread_cond_signal(&h->sender->wake);
-    pthread_mutex_unlock(&h->sender->lock);
+  sender_t *s = h->sender;
+  if (s) {
+    s->handle = NULL;
+    pthread_mutex_lock(&s->lock);
+    s->closing = 1;
+    pthread_cond_signal(&s->wake);
+    pthread_mutex_unlock(&s->lock);
   }
   free(h);
 }
@@ -283,15 +354,14 @@ static sender_handle_t *get_handle(napi_env env, napi_value value) {
 }
 
 #if SENDER_SUPPORTED
-/* Starts the detached sending thread; 0 or an errno. */
+/* Starts the sending thread (joined by finish or teardown_hook); 0 or an
+ * errno. */
 static int start_thread(sender_t *s) {
-  pthread_t thread;
   pthread_attr_t attr;
   int err = pthread_attr_init(&attr);
   if (err) return err;
   err = pthread_attr_setstacksize(&attr, SENDER_STACK_BYTES);
-  if (!err) err = pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-  if (!err) err = pthread_create(&thread, &attr, sender_main, s);
+  if (!err) err = pthread_create(&s->thread, &attr, sender_main, s);
   pthread_attr_destroy(&attr);
   return err;
 }
@@ -321,7 +391,7 @@ static napi_value sender_open(napi_env env, napi_callback_info info) {
   napi_value name;
   napi_create_string_utf8(env, "nbd-sender", NAPI_AUTO_LENGTH, &name);
   if (napi_create_threadsafe_function(env, argv[1], NULL, name, 0, 1, NULL,
-                                      NULL, NULL, call_done,
+                                      NULL, s, call_done,
                                       &s->done) != napi_ok) {
     close(s->sock_fd);
     free(s);
@@ -343,6 +413,8 @@ static napi_value sender_open(napi_env env, napi_callback_info info) {
     return hostio_throw_errno(env, err, "pthread_create");
   }
   h->sender = s;
+  s->handle = h;
+  napi_add_env_cleanup_hook(env, teardown_hook, s);
   napi_value external;
   if (napi_create_external(env, h, free_handle, NULL, &external) != napi_ok) {
     return NULL;
@@ -409,7 +481,8 @@ static napi_value sender_close(napi_env env, napi_callback_info info) {
   napi_get_value_bool(env, argv[1], &abort_queued);
   sender_t *s = h->sender;
   if (!s) return NULL; /* closed already */
-  h->sender = NULL; /* the thread frees s once it has finished */
+  h->sender = NULL; /* freed once the thread has finished (finish) */
+  s->handle = NULL;
   pthread_mutex_lock(&s->lock);
   s->closing = 1;
   if (abort_queued) {

@@ -10,6 +10,7 @@
  * The ReplyWriter's ordering of stream and file frames is checked with a
  * fake sender.
  */
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -294,5 +295,49 @@ describe('ReplyWriter with a sender', () => {
     await p;
     w.releaseSender();
     expect(sender.closedWith).toBe(false);
+  });
+});
+
+describe.skipIf(!native)('the sending thread at exit', () => {
+  /** Runs of each case: the crash at teardown was a race. */
+  const EXIT_ROUNDS = 8;
+
+  it('ends cleanly when the process leaves its loop: a sender closed just before, and one left open', () => {
+    const module = path.resolve('dist/nbd/socket-sender.js');
+    const file = path.join(dir, 'exit-frames.raw');
+    fs.writeFileSync(file, Buffer.alloc(MiB, 7));
+    const script = (mode: string, socketPath: string) => `
+      import fs from 'node:fs';
+      import net from 'node:net';
+      import { openSocketSender } from ${JSON.stringify(module)};
+      const mode = ${JSON.stringify(mode)};
+      let client;
+      const server = net.createServer((socket) => {
+        const sender = openSocketSender(socket);
+        const fd = fs.openSync(${JSON.stringify(file)}, 'r');
+        sender.sendFile(Buffer.alloc(16), fd, 0, ${MiB}).then((sent) => {
+          if (!sent) console.error('not sent');
+          if (mode === 'closed') sender.close(false);
+          fs.closeSync(fd);
+          socket.destroy();
+          client.destroy();
+          server.close();
+        });
+      });
+      server.listen(${JSON.stringify(socketPath)}, () => {
+        client = net.connect(${JSON.stringify(socketPath)});
+        client.resume();
+      });
+    `;
+    const statuses = new Map<string, number>();
+    for (let round = 0; round < EXIT_ROUNDS; round++) {
+      for (const mode of ['closed', 'open']) {
+        const socketPath = path.join(dir, `exit-${mode}-${round}.sock`);
+        const run = spawnSync(process.execPath, ['--input-type=module', '-e', script(mode, socketPath)], { encoding: 'utf8', timeout: 60_000 });
+        const key = `${mode} ${run.status ?? run.signal} ${run.stderr.trim()}`;
+        statuses.set(key, (statuses.get(key) ?? 0) + 1);
+      }
+    }
+    expect(Object.fromEntries(statuses)).toEqual({ 'closed 0 ': EXIT_ROUNDS, 'open 0 ': EXIT_ROUNDS });
   });
 });
