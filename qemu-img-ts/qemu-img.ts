@@ -17,6 +17,7 @@
  * (`| head`) is dropped and the command ends with its own status
  * (cli-common's processOutput).
  */
+import './zod-jitless.js';
 import fs from 'node:fs';
 import { Command, Option } from 'commander';
 import { BlockGraph } from '../block/graph.js';

@@ -7,6 +7,7 @@
  * Output goes through cli-common's processOutput, so a reader that goes
  * away (`qemu-io-ts … | head`) ends output quietly, as in QEMU.
  */
+import './zod-jitless.js';
 import { builtinDrivers } from '../drivers/index.js';
 import { processOutput, runMain } from './cli-common.js';
 import { aioFlushCommand, aioReadCommand, aioWriteCommand } from './io/aio.js';

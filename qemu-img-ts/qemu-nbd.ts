@@ -5,6 +5,7 @@
  * the server's life in nbd/serve.ts, the listing in nbd/list.ts; the
  * protocol itself is the library's (../nbd/).
  */
+import './zod-jitless.js';
 import { CliExit, processOutput, reportFailure } from './cli-common.js';
 import { PROG, parseNbdArgs, type NbdCliConfig } from './nbd/args.js';
 import { listExports } from './nbd/list.js';

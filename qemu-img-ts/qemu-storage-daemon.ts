@@ -8,6 +8,7 @@
  * which close everything cleanly (qmp/daemon.ts). Exit status 0 after a
  * clean stop, 1 for a bad command line.
  */
+import './zod-jitless.js';
 import fs from 'node:fs';
 import path from 'node:path';
 import { BlockError } from '../block/errors.js';
