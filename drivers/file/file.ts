@@ -326,9 +326,9 @@ async function reopen(node: BlockNode, readOnly: boolean): Promise<void> {
     await fh.close();
     throw toBlockError(e);
   }
+  await s.serialWriter?.close(); // the node is drained: nothing is queued
   const old = s.fh;
   s.fh = fh;
-  await s.serialWriter?.close();
   Object.assign(s, bufferedWriters(s.direct === null && !s.isBlockDevice, readOnly, fh.fd));
   await old.close();
 }
