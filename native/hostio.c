@@ -122,8 +122,6 @@
 #define HOSTIO_HAVE_FS_IOCTLS 0
 #endif
 
-/* Largest offset or length a JS number carries exactly: 2^53. */
-#define HOSTIO_OFFSET_MAX_BYTES 9007199254740992.0
 /* Arguments of the widest call (senderFileRange: sender, id, header, fd,
  * offset, length). */
 #define HOSTIO_ARGC_MAX 6
@@ -245,6 +243,25 @@ int hostio_get_args(napi_env env, napi_callback_info info, size_t want,
 int hostio_get_integer(napi_env env, napi_value value, double max,
                        const char *what, double *out) {
   return get_integer(env, value, max, what, out);
+}
+
+int hostio_start_thread(pthread_t *thread, void *(*main)(void *), void *arg) {
+  pthread_attr_t attr;
+  int err = pthread_attr_init(&attr);
+  if (err) return err;
+  err = pthread_attr_setstacksize(&attr, HOSTIO_THREAD_STACK_BYTES);
+  if (!err) err = pthread_create(thread, &attr, main, arg);
+  pthread_attr_destroy(&attr);
+  return err;
+}
+
+void *hostio_get_external(napi_env env, napi_value value, const char *what) {
+  void *data = NULL;
+  if (napi_get_value_external(env, value, &data) != napi_ok || !data) {
+    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE", what);
+    return NULL;
+  }
+  return data;
 }
 
 static int get_fd(napi_env env, napi_value value, int *fd) {

@@ -6,7 +6,17 @@
 #ifndef HOSTIO_H
 #define HOSTIO_H
 
+#include <pthread.h>
+#include <stddef.h>
+
 #include <node_api.h>
+
+/* Largest offset or length a JS number carries exactly: 2^53. */
+#define HOSTIO_OFFSET_MAX_BYTES 9007199254740992.0
+/* The stack of the addon's own threads (sender, writer): they only loop
+ * over system calls (no large locals), so the default 8 MiB of address
+ * space per thread is not needed. */
+#define HOSTIO_THREAD_STACK_BYTES (256 * 1024)
 
 /* "EPIPE", "ENOSPC", ...; unknown errnos read as "EIO". */
 const char *hostio_errno_name(int err);
@@ -20,6 +30,13 @@ int hostio_get_args(napi_env env, napi_callback_info info, size_t want,
  * `what`. 0 on failure. */
 int hostio_get_integer(napi_env env, napi_value value, double max,
                        const char *what, double *out);
+/* Starts a joinable thread with a HOSTIO_THREAD_STACK_BYTES stack; 0 or an
+ * errno. */
+int hostio_start_thread(pthread_t *thread, void *(*main)(void *),
+                        void *arg);
+/* The pointer an External holds; NULL after throwing a TypeError saying
+ * `what` (a wrong or empty value). */
+void *hostio_get_external(napi_env env, napi_value value, const char *what);
 /* Adds senderOpen, senderFileRange and senderClose to exports; 0 on failure. */
 int sender_define(napi_env env, napi_value exports);
 /* Adds writerOpen, writerWrite and writerClose to exports; 0 on failure. */

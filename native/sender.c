@@ -81,11 +81,6 @@
 #define SENDER_SENDFILE_CHUNK_BYTES (1 << 30)
 /* Zeros written per call where the file ends before the frame does. */
 #define SENDER_ZERO_CHUNK_BYTES 65536
-/* Largest offset or length a JS number carries exactly: 2^53. */
-#define SENDER_OFFSET_MAX_BYTES 9007199254740992.0
-/* The thread's stack: it only loops over system calls (no large locals), so
- * the default 8 MiB of address space per connection is not needed. */
-#define SENDER_STACK_BYTES (256 * 1024)
 
 typedef struct frame {
   struct frame *next;
@@ -111,7 +106,7 @@ typedef struct {
   int sock_fd;
   pthread_t thread;
   napi_threadsafe_function done;
-  sender_handle_t *handle; /* the External's, until it is finalized; JS thread */
+  sender_handle_t *handle; /* the External's until finalized; JS thread */
 } sender_t;
 
 /* What the External holds: cleared by senderClose (or the teardown hook),
@@ -344,28 +339,8 @@ static void free_handle(napi_env env, void *data, void *hint) {
 }
 
 static sender_handle_t *get_handle(napi_env env, napi_value value) {
-  void *data = NULL;
-  if (napi_get_value_external(env, value, &data) != napi_ok || !data) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE",
-                          "sender: not a sender");
-    return NULL;
-  }
-  return data;
+  return hostio_get_external(env, value, "sender: not a sender");
 }
-
-#if SENDER_SUPPORTED
-/* Starts the sending thread (joined by finish or teardown_hook); 0 or an
- * errno. */
-static int start_thread(sender_t *s) {
-  pthread_attr_t attr;
-  int err = pthread_attr_init(&attr);
-  if (err) return err;
-  err = pthread_attr_setstacksize(&attr, SENDER_STACK_BYTES);
-  if (!err) err = pthread_create(&s->thread, &attr, sender_main, s);
-  pthread_attr_destroy(&attr);
-  return err;
-}
-#endif
 
 static napi_value sender_open(napi_env env, napi_callback_info info) {
   napi_value argv[2];
@@ -402,7 +377,8 @@ static napi_value sender_open(napi_env env, napi_callback_info info) {
   napi_unref_threadsafe_function(env, s->done);
   pthread_mutex_init(&s->lock, NULL);
   pthread_cond_init(&s->wake, NULL);
-  int err = start_thread(s);
+  /* Joined by finish or teardown_hook. */
+  int err = hostio_start_thread(&s->thread, sender_main, s);
   if (err) {
     napi_release_threadsafe_function(s->done, napi_tsfn_release);
     close(s->sock_fd);
@@ -433,10 +409,10 @@ static napi_value sender_file_range(napi_env env, napi_callback_info info) {
   if (!hostio_get_args(env, info, 6, argv)) return NULL;
   sender_handle_t *h = get_handle(env, argv[0]);
   if (!h) return NULL;
-  if (!hostio_get_integer(env, argv[1], SENDER_OFFSET_MAX_BYTES, "id", &id) ||
+  if (!hostio_get_integer(env, argv[1], HOSTIO_OFFSET_MAX_BYTES, "id", &id) ||
       !hostio_get_integer(env, argv[3], (double)INT32_MAX, "file fd", &fd_number) ||
-      !hostio_get_integer(env, argv[4], SENDER_OFFSET_MAX_BYTES, "offset", &offset) ||
-      !hostio_get_integer(env, argv[5], SENDER_OFFSET_MAX_BYTES, "bytes", &bytes)) {
+      !hostio_get_integer(env, argv[4], HOSTIO_OFFSET_MAX_BYTES, "offset", &offset) ||
+      !hostio_get_integer(env, argv[5], HOSTIO_OFFSET_MAX_BYTES, "bytes", &bytes)) {
     return NULL;
   }
   if (napi_get_buffer_info(env, argv[2], &header, &header_bytes) != napi_ok ||

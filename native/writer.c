@@ -56,10 +56,6 @@
 
 #include "hostio.h"
 
-/* Largest offset or length a JS number carries exactly: 2^53. */
-#define WRITER_OFFSET_MAX_BYTES 9007199254740992.0
-/* The thread only loops over pwrite() (no large locals). */
-#define WRITER_STACK_BYTES (256 * 1024)
 
 typedef struct job {
   struct job *next;
@@ -217,24 +213,7 @@ static void free_handle(napi_env env, void *data, void *hint) {
 }
 
 static writer_handle_t *get_handle(napi_env env, napi_value value) {
-  void *data = NULL;
-  if (napi_get_value_external(env, value, &data) != napi_ok || !data) {
-    napi_throw_type_error(env, "ERR_INVALID_ARG_TYPE",
-                          "writer: not a writer");
-    return NULL;
-  }
-  return data;
-}
-
-/* Starts the writing thread (joined by stop_writer); 0 or an errno. */
-static int start_thread(writer_t *w) {
-  pthread_attr_t attr;
-  int err = pthread_attr_init(&attr);
-  if (err) return err;
-  err = pthread_attr_setstacksize(&attr, WRITER_STACK_BYTES);
-  if (!err) err = pthread_create(&w->thread, &attr, writer_main, w);
-  pthread_attr_destroy(&attr);
-  return err;
+  return hostio_get_external(env, value, "writer: not a writer");
 }
 
 /* The writer and its threadsafe function; NULL after throwing. */
@@ -257,7 +236,8 @@ static writer_t *new_writer(napi_env env, int fd, napi_value on_done,
     return NULL; /* napi threw: onDone is not a function */
   }
   napi_unref_threadsafe_function(env, w->done);
-  int err = start_thread(w);
+  /* Joined by stop_writer. */
+  int err = hostio_start_thread(&w->thread, writer_main, w);
   if (err) {
     napi_release_threadsafe_function(w->done, napi_tsfn_release);
     free_writer(w);
@@ -297,8 +277,8 @@ static napi_value writer_write(napi_env env, napi_callback_info info) {
   if (!hostio_get_args(env, info, 4, argv)) return NULL;
   writer_handle_t *h = get_handle(env, argv[0]);
   if (!h) return NULL;
-  if (!hostio_get_integer(env, argv[1], WRITER_OFFSET_MAX_BYTES, "id", &id) ||
-      !hostio_get_integer(env, argv[3], WRITER_OFFSET_MAX_BYTES, "offset",
+  if (!hostio_get_integer(env, argv[1], HOSTIO_OFFSET_MAX_BYTES, "id", &id) ||
+      !hostio_get_integer(env, argv[3], HOSTIO_OFFSET_MAX_BYTES, "offset",
                           &offset)) {
     return NULL;
   }

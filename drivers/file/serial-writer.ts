@@ -64,7 +64,12 @@ class NativeSerialWriter implements SerialWriter {
   write(buf: Uint8Array, offsetBytes: number): Promise<void> {
     const id = this.nextId++;
     const written = new Promise<void>((resolve, reject) => {
-      this.addon.writerWrite(this.handle, id, buf, offsetBytes);
+      try {
+        this.addon.writerWrite(this.handle, id, buf, offsetBytes);
+      } catch (e) {
+        reject(toBlockError(e)); // closed (EBADF) or out of memory: nothing was queued
+        return;
+      }
       this.waiting.set(id, { resolve, reject });
     });
     this.last = written.catch(() => undefined);
